@@ -1,0 +1,206 @@
+"""Which modules get an adapter, and with which rank and alpha.
+
+PEFT's matching rules, with stricter errors:
+
+* a list of names: a module matches if its full name equals an entry or ends with ``"." + entry``;
+* a string: ``re.fullmatch`` on the full module name;
+* ``"all-linear"``: every nn.Linear / transformers Conv1D except the output layer. The output layer is
+  ``model.get_output_embeddings()`` when the model has one, otherwise a top-level ``lm_head``, ``score`` or
+  ``classifier``. (PEFT adapts such a head on non-transformers models and on classifiers without a task_type;
+  lorafit never does. This is deliberate: a freshly initialised head must be trained in full via
+  ``modules_to_save``, and a low-rank update of it is almost never what the user meant.)
+* ``exclude_modules`` by the same rules, applied first; ``layers_to_transform`` / ``layers_pattern`` select layer
+  indices as PEFT does; ``rank_pattern`` / ``alpha_pattern``: the first key whose regex matches the module name at a
+  dot boundary sets that module's rank / alpha.
+
+Unlike PEFT, a target entry that matches nothing, or a match of an unsupported type, is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+from .layers import layer_kind
+from .ops import scaling
+
+OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
+
+# Used only when target_modules is None: the attention query/value projections of common architectures.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "opt": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module to adapt: its name, kind and resolved hyperparameters."""
+
+    name: str
+    kind: str
+    r: int
+    alpha: float
+    scaling: float
+
+
+def name_matches(name: str, entries) -> bool:
+    """PEFT's rule for a list of names: exact match or a dot-boundary suffix match."""
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def spec_matches(name: str, spec) -> bool:
+    """A list of names, or a regex string matched in full."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name_matches(name, spec)
+
+
+def pattern_key(patterns: dict, name: str):
+    """The first key (dict order) whose regex matches ``name`` at a dot boundary, or None (PEFT semantics)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the model's output layer, which "all-linear" leaves alone."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = None
+    if callable(get):
+        try:
+            head = get()
+        except (AttributeError, NotImplementedError):
+            head = None
+    if isinstance(head, nn.Module):
+        return {n for n, m in model.named_modules() if m is head}
+    return {n for n in OUTPUT_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
+
+
+def layer_index(name: str, layers_pattern) -> int | None:
+    """The layer index in a module name, as PEFT finds it (the first numbered segment after the pattern)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = None
+        for p in patterns:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _similar(word: str, names: list[str], n: int = 5) -> str:
+    leaves = sorted({x.rsplit(".", 1)[-1] for x in names} | set(names))
+    close = difflib.get_close_matches(word, leaves, n=n, cutoff=0.5) or \
+        sorted({x.rsplit(".", 1)[-1] for x in names})[:n]
+    return ", ".join(close)
+
+
+def _unsupported(name: str, module: nn.Module) -> ConfigError:
+    return ConfigError(f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which LoRA "
+                       "cannot adapt; supported types: nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers "
+                       "Conv1D. Target its linear sub-layers instead (e.g. 'q_proj' rather than 'self_attn').")
+
+
+def modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Full names of the modules trained in full (``modules_to_save``), outermost matches only."""
+    if not cfg.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, cfg.modules_to_save)]
+    missing = [e for e in cfg.modules_to_save if not any(n == e or n.endswith("." + e) for n in names)]
+    if missing:
+        all_names = [n for n, _ in model.named_modules() if n]
+        raise ConfigError(f"modules_to_save entry {missing[0]!r} matches no module in the model; "
+                          f"similar names: {_similar(missing[0], all_names)}")
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list[Target]:
+    """The modules ``cfg`` adapts in ``model``, in model order, with per-module rank, alpha and scaling.
+
+    ``strict=False`` (reading a saved adapter) accepts target entries that only excluded modules match, as PEFT
+    writes "all-linear" expanded to names before applying exclude_modules.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    all_names = [n for n, _ in named]
+    spec = cfg.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ConfigError("LoraConfig.target_modules=None: lorafit has no default targets for "
+                              f"model type {model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj'] or "
+                              "'all-linear'")
+        spec = DEFAULT_TARGETS[model_type]
+    saved = modules_to_save(model, cfg)
+    in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
+
+    candidates = [(n, m) for n, m in named
+                  if not (cfg.exclude_modules and spec_matches(n, cfg.exclude_modules)) and not in_saved(n)]
+    if isinstance(spec, str) and spec.lower() == "all-linear":
+        heads = output_layer_names(model)
+        matched = [(n, m) for n, m in candidates if layer_kind(m) in ("linear", "linear_t") and n not in heads]
+        if not matched:
+            raise ConfigError("target_modules='all-linear' found no nn.Linear or Conv1D layer (besides the output "
+                              "layer) in the model")
+    elif isinstance(spec, str):
+        matched = [(n, m) for n, m in candidates if re.fullmatch(spec, n)]
+        if not matched:
+            raise ConfigError(f"target_modules regex {spec!r} matches no module name (it must match the full "
+                              f"name, e.g. r'.*\\.q_proj'); some module names: {_similar(spec, all_names)}")
+    else:
+        matched = [(n, m) for n, m in candidates if name_matches(n, spec)]
+        for entry in spec:
+            if any(n == entry or n.endswith("." + entry) for n, _ in matched):
+                continue
+            excluded = any(name_matches(n, [entry]) for n in all_names)
+            if excluded and not strict:
+                continue
+            raise ConfigError(f"target_modules entry {entry!r} matches no module in the model"
+                              f"{' once exclude_modules/modules_to_save are applied' if excluded else ''}"
+                              f"; similar names: {_similar(entry, all_names)}")
+        if cfg.layers_to_transform is not None:
+            wanted = cfg.layers_to_transform
+            wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+            matched = [(n, m) for n, m in matched if layer_index(n, cfg.layers_pattern) in wanted]
+            if not matched:
+                raise ConfigError(f"layers_to_transform={cfg.layers_to_transform!r} (layers_pattern="
+                                  f"{cfg.layers_pattern!r}) leaves no target module; layer indices are read from "
+                                  "names like 'model.layers.3.self_attn.q_proj'")
+
+    targets = []
+    for n, m in matched:
+        kind = layer_kind(m)
+        if kind is None:
+            raise _unsupported(n, m)
+        if kind == "conv" and (m.groups != 1 or m.padding_mode != "zeros" or any(d != 1 for d in m.dilation)):
+            raise ConfigError(f"target module {n!r} is a {type(m).__name__} with groups={m.groups}, "
+                              f"dilation={m.dilation}, padding_mode={m.padding_mode!r}; lorafit adapts convolutions "
+                              "with groups=1, dilation=1 and zero padding only")
+        r = cfg.rank_pattern[k] if (k := pattern_key(cfg.rank_pattern, n)) is not None else cfg.r
+        alpha = cfg.alpha_pattern[k] if (k := pattern_key(cfg.alpha_pattern, n)) is not None else cfg.lora_alpha
+        if cfg.init_lora_weights in ("pissa", "olora"):
+            if kind not in ("linear", "linear_t"):
+                raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} supports linear layers only; "
+                                  f"{n!r} is a {type(m).__name__}")
+            if r > min(m.weight.shape):
+                raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} needs r <= min(in, out); {n!r} has "
+                                  f"shape {tuple(m.weight.shape)} and r={r}")
+        targets.append(Target(n, kind, r, alpha, scaling(r, alpha, cfg.use_rslora)))
+
+    names = [t.name for t in targets]
+    for field, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        for key in patterns:
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
+                warnings.warn(f"{field} key {key!r} matches none of the {len(names)} targeted modules; it has no "
+                              "effect", stacklevel=3)
+    return targets
