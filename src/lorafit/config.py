@@ -25,7 +25,8 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 # features lorafit does not implement. At their PEFT default (None, False, {}, [], ...) they are ignored silently;
 # a non-default value is ignored with a warning, because the adapter may then behave differently than in PEFT.
 _PEFT_METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
-                  "inference_mode", "megatron_core"}
+                  "inference_mode", "megatron_core", "lorafit_version"}
+_PEFT_DEFAULTS = {"qalora_group_size": 16}  # non-empty PEFT defaults of unsupported features
 
 
 class ConfigError(ValueError):
@@ -133,7 +134,8 @@ class LoraConfig:
             peft_type = data.get("peft_type", "LORA")
             if str(peft_type).upper() != "LORA":
                 raise ConfigError(f"peft_type={peft_type!r} is not a LoRA adapter; lorafit reads peft_type 'LORA' only")
-            ignored = [k for k in unknown if k not in _PEFT_METADATA and data[k] not in (None, False, {}, [], "")]
+            ignored = [k for k in unknown if k not in _PEFT_METADATA and data[k] not in (None, False, {}, [], "")
+                       and data[k] != _PEFT_DEFAULTS.get(k)]
             if ignored:
                 warnings.warn(f"ignoring adapter config keys lorafit does not support: {', '.join(ignored)}",
                               stacklevel=2)

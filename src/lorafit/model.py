@@ -7,6 +7,8 @@ targets, modules trained in full, the original requires_grad flags) lives in ``m
 from __future__ import annotations
 
 import copy
+import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -129,13 +131,28 @@ def disabled(model: nn.Module):
             _set_module(model, name, module)
 
 
+def _untie_config(model: nn.Module) -> None:
+    """Tell a transformers model (and its saved config) that input and output embeddings are no longer tied."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (float32 math, base dtype kept) and restore the original module
     types. modules_to_save keep their trained weights. Returns the model, free of lorafit modules."""
     state = state_of(model)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name, layer in list(adapter_layers(model)):
-        with torch.no_grad():
-            layer.weight.copy_(layer.merged_weight())
+        merged = layer.merged_weight()
+        if uses[id(layer.weight)] > 1:  # tied (e.g. embeddings and lm_head): merging must not change the other user
+            warnings.warn(f"{name}.weight is tied to another module; merging unties it (the other keeps W0)")
+            layer.weight = nn.Parameter(merged, requires_grad=layer.weight.requires_grad)
+            _untie_config(model)
+        else:
+            with torch.no_grad():
+                layer.weight.copy_(merged)
         base = layer.base
         base.weight = layer.weight  # the (possibly moved or re-wrapped) parameters the model trained with
         if layer.bias is not None:
