@@ -129,6 +129,19 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     return path
 
 
+def write_adapter(model: nn.Module, folder: Union[str, Path]) -> None:
+    """Write the adapter files into an existing folder (e.g. a run's output), each file replaced atomically;
+    the weights go first, so a folder with a config always has its weights."""
+    folder = Path(folder)
+    tensors, config = adapter_state_dict(model), adapter_config_dict(model)
+    tmp = folder / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / WEIGHTS_NAME)
+    tmp = folder / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, folder / CONFIG_NAME)
+
+
 # --- load ---------------------------------------------------------------------------------------------------
 
 def read_adapter(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, Tensor]]:

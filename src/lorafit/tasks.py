@@ -1,0 +1,28 @@
+"""The embedded default task: movie-review sentiment (VADER, Hutto & Gilbert, ICWSM 2014) as a one-token answer.
+
+Prompt ``Review: <text>\\nSentiment (positive or negative):``; completion `` positive`` or `` negative``; the loss
+is on the answer token only, and accuracy compares the next-token log-probabilities of the two answers.
+"""
+
+from __future__ import annotations
+
+PROMPT = "Review: {text}\nSentiment (positive or negative):"
+CHOICES = [" negative", " positive"]
+
+# The settings of the no-argument run (`lorafit train`): SmolLM2-135M-Instruct, LoRA on q,v, ~2-3 minutes on
+# 2 CPU cores. Flags and --config still override them.
+DEFAULT_JOB = dict(steps=60, batch_size=8, lr=2e-3, warmup_steps=5, max_length=96, eval_max=200, add_eos=False,
+                   save_every=20, lora=dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+
+
+def as_example(snippet: dict) -> dict:
+    return {"prompt": PROMPT.format(text=snippet["text"]), "completion": " " + snippet["label"]}
+
+
+def sentiment_task(seed: int = 0, eval_max: int | None = 200):
+    from .assets import load_sentiment
+    from .train import Task
+
+    train, held = load_sentiment(seed=seed, eval_size=eval_max or 200)
+    return Task([as_example(s) for s in train], [as_example(s) for s in held], choices=list(CHOICES),
+                name="movie-review sentiment (SmolLM2-135M-Instruct)")

@@ -1,0 +1,426 @@
+"""Fine-tune a causal LM with LoRA: a resumable training loop with checkpoints, metrics and evaluation.
+
+Output folder layout:
+    config.yaml                 the effective configuration (``lorafit train --config`` takes it back)
+    metrics.jsonl               one object per optimizer step ({"step", "loss", "lr", ...}) and per evaluation
+    checkpoint-<step>/          adapter + trainer_state.pt (optimizer, scheduler, RNG, step), written atomically
+    adapter_config.json, adapter_model.safetensors   the final adapter (PEFT layout)
+    report.png                  loss curve and eval before/after
+    trainer_state.json          {"finished": true, ...} once the run is complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import io as lio
+from .config import ConfigError, LoraConfig
+from .data import IGNORE, DataError, batch_indices, collate, read_examples, split, tokenize
+from .model import adapter_parameter_names, attach, trainable_parameters
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, a broken checkpoint); the message says what is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``config.yaml`` in the output folder is this dataclass."""
+
+    model: Optional[str] = None  # a local transformers causal-LM folder; None = the embedded SmolLM2-135M-Instruct
+    data: Optional[str] = None  # JSONL/CSV of {"text"} or {"prompt","completion"}; None = the embedded sentiment task
+    output: Optional[str] = None  # default runs/<timestamp>
+    steps: int = 100  # optimizer steps (ignored when epochs is set)
+    epochs: Optional[float] = None  # passes over the training split; sets steps
+    batch_size: int = 8  # examples per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # AdamW peak learning rate; LoRA tolerates ~10x full fine-tuning's (LoRA §5)
+    schedule: str = "cosine"  # cosine | linear | constant, after warm-up
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_length: int = 256  # tokens per example (prompts are cut from the left)
+    seed: int = 0
+    eval_split: float = 0.1  # share of the data held out for evaluation
+    eval_max: Optional[int] = 500  # at most this many eval examples
+    eval_every: int = 0  # evaluate every N steps (0: only before and after training)
+    save_every: int = 0  # checkpoint every N steps (0: never)
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights of the base model)
+    add_eos: bool = True  # append EOS to completions / texts
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, lora_alpha=16,
+                                                                target_modules=["q_proj", "v_proj"]))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora, strict=True)
+        positive = ("steps", "batch_size", "grad_accum", "max_length")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name}={v!r} is invalid: expected a positive integer")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name}={v!r} is invalid: expected an integer >= 0")
+        if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
+            raise ConfigError(f"epochs={self.epochs!r} is invalid: expected a positive number")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 1:
+            raise ConfigError(f"lr={self.lr!r} is invalid: expected a number in (0, 1), e.g. 1e-3")
+        if not isinstance(self.eval_split, (int, float)) or not 0 <= self.eval_split < 1:
+            raise ConfigError(f"eval_split={self.eval_split!r} is invalid: expected a number in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a number >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora"}
+        d["lora"] = self.lora.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("a training config must be a mapping of setting names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(known))}"
+                              " (LoRA settings go under 'lora:')")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+
+# --- the pieces of a run ---------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """What to train on: tokenizable examples plus, for classification-like data, the answer choices."""
+
+    train: list[dict]
+    eval: list[dict]
+    choices: Optional[list[str]] = None  # single-token completions scored by next-token log-probability
+    name: str = "custom"
+
+
+def load_task(cfg: TrainConfig) -> Task:
+    """The user's data file split into train/eval, or the embedded sentiment task."""
+    if cfg.data is None:
+        from .tasks import sentiment_task
+        return sentiment_task(cfg.seed, cfg.eval_max)
+    examples = read_examples(cfg.data)
+    train, held = split(examples, cfg.eval_split, cfg.seed, cfg.eval_max)
+    completions = sorted({e["completion"] for e in examples if "completion" in e})
+    choices = completions if 2 <= len(completions) <= 10 else None
+    return Task(train, held, choices)
+
+
+def resolve_model_dir(cfg: TrainConfig, progress: bool = True) -> Path:
+    if cfg.model is None:
+        from .assets import smollm2
+        return smollm2(progress=progress)
+    path = Path(cfg.model)
+    if not (path / "config.json").is_file():
+        raise DataError(f"model folder {path} is not a transformers checkpoint (no config.json); pass a folder "
+                        "saved with save_pretrained")
+    return path
+
+
+def load_model(model_dir: Path, dtype: str):
+    """A transformers causal LM and its tokenizer from a local folder (no network)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot load a causal LM and tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return f
+
+
+def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where a label is predicted: (N, V) logits, (N,) targets, and (B, K) which of the kept positions
+    each row labels. The LM head runs on the K labelled positions instead of all T (transformers'
+    ``logits_to_keep``), which for one-token answers saves most of the head's time and the (B, T, V) logits."""
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = targets != IGNORE
+    cols = mask.any(0).nonzero().squeeze(1)  # (K,)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if _accepts_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=cols).logits  # (B, K, V)
+    else:
+        logits = model(**kwargs).logits[:, :-1][:, cols]  # (B, K, V)
+    sel = mask[:, cols]  # (B, K)
+    return logits[sel], targets[:, cols][sel], sel
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (non-IGNORE) positions."""
+    logits, targets, _ = labelled_logits(model, batch)  # (N, V), (N,)
+    return F.cross_entropy(logits.float(), targets)
+
+
+@torch.no_grad()
+def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool) -> dict[str, float]:
+    """Eval loss over the held-out split, and choice accuracy when the task has single-token choices."""
+    from tqdm.auto import tqdm
+
+    if not task.eval:
+        return {}
+    was_training = model.training
+    model.eval()
+    choice_ids = None
+    if task.choices:
+        ids = [tok(c, add_special_tokens=False)["input_ids"] for c in task.choices]
+        choice_ids = [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+    total, count, correct = 0.0, 0, 0
+    for i in tqdm(range(0, len(task.eval), cfg.batch_size), desc="evaluating", disable=not progress, leave=False):
+        chunk = task.eval[i:i + cfg.batch_size]
+        batch = collate([tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in chunk], tok.pad_token_id)
+        logits, targets, sel = labelled_logits(model, batch)  # (N, V), (N,), (B, K)
+        logits = logits.float()
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(targets)
+        if choice_ids is not None:
+            first = sel.cumsum(1).eq(1) & sel  # (B, K): each row's first labelled position
+            rows = logits[first[sel]]  # (B, V): the logits that predict the first answer token
+            gold = torch.tensor([task.choices.index(e["completion"]) for e in chunk])
+            correct += int((rows[:, choice_ids].argmax(1) == gold).sum())
+    model.train(was_training)
+    out = {"eval_loss": total / max(count, 1)}
+    if choice_ids is not None:
+        out["eval_accuracy"] = correct / len(task.eval)
+    return out
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
+    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically."""
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    tensors, config = lio.adapter_state_dict(model), lio.adapter_config_dict(model)
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp / lio.WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / lio.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        torch.save(state, tmp / "trainer_state.pt")
+
+    path = out / f"checkpoint-{step}"
+    lio._atomic_dir(path, write)
+    return path
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step (temp folders of interrupted writes are ignored)."""
+    found = []
+    for p in out.glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / "trainer_state.pt").is_file() and (p / lio.WEIGHTS_NAME).is_file():
+            found.append((int(tail), p))
+    return max(found)[1] if found else None
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+def _say(quiet: bool):
+    import sys
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
+    return say
+
+
+def prepare_output(cfg: TrainConfig, resume: bool) -> Path:
+    """The output folder; a fresh run refuses a non-empty folder so that nothing is ever overwritten."""
+    out = Path(cfg.output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"output folder {out} already exists and is not empty; continue it with --resume {out} "
+                        "or choose another --output")
+    return out
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train per ``cfg`` (or continue the run in ``cfg.output`` with ``resume``) and return a summary dict.
+
+    Bad input (data, model folder, LoRA config) raises before anything is written to the output folder.
+    """
+    import yaml
+    from tqdm.auto import tqdm
+
+    say, t0 = _say(quiet), time.time()
+    if quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    out = prepare_output(cfg, resume)
+    state_file = out / "trainer_state.json"
+    if resume and state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
+        say(f"{out}: this run is already finished; nothing to do")
+        return json.loads(state_file.read_text())
+
+    task = load_task(cfg)
+    model_dir = resolve_model_dir(cfg, progress=not quiet)
+    model, tok = load_model(model_dir, cfg.dtype)
+    from .targets import select_targets
+    select_targets(model, cfg.lora)  # a config that does not fit the model fails here, before any file is written
+    train_set = [tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in task.train]
+    if not train_set:
+        raise DataError("the training split is empty; add examples or lower eval_split")
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = math.ceil(cfg.epochs * len(train_set) / per_step) if cfg.epochs else cfg.steps
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        lio.load(model, ckpt)
+    else:
+        attach(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    names = set(adapter_parameter_names(model))
+    params = [p for n, p in model.named_parameters() if n in names]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start = state["step"]
+        say(f"resuming {out} from {ckpt.name}")
+    kept = [r for r in read_metrics(out) if r["step"] <= start and (start > 0 or r.get("kind") == "eval")]
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    n_train, n_total = trainable_parameters(model)
+    say(f"model {model_dir} | trainable {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.3f}%) | "
+        f"{len(train_set)} train / {len(task.eval)} eval examples | {steps} steps")
+
+    before = next((r for r in kept if r.get("kind") == "eval" and r["step"] == 0), None)
+    if before is None:
+        before = {"step": 0, "kind": "eval", **evaluate(model, tok, task, cfg, not quiet)}
+        append_metrics(out, before)
+        say(f"before training: {_fmt(before)}")
+
+    batches = batch_indices(len(train_set), cfg.batch_size, cfg.seed, start=start * cfg.grad_accum)
+    bar = tqdm(total=steps, initial=start, desc="training", disable=quiet, dynamic_ncols=True)
+    last_ckpt = ckpt
+    for step in range(start + 1, steps + 1):
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = collate([train_set[i] for i in next(batches)], tok.pad_token_id)
+            loss = causal_lm_loss(model, batch)
+            if not torch.isfinite(loss):
+                kept_msg = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise TrainingError(f"loss became {loss.item()} at step {step}; stopping ({kept_msg}). Lower --lr, "
+                                    "use float32, or check the data")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm),
+                  "elapsed": round(time.time() - t0, 2)}
+        append_metrics(out, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if quiet and (step % max(1, steps // 10) == 0 or step == steps):
+            say(f"step {step}/{steps} loss {total:.4f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+            ev = {"step": step, "kind": "eval", **evaluate(model, tok, task, cfg, False)}
+            append_metrics(out, ev)
+            say(f"step {step}: {_fmt(ev)}")
+        if cfg.save_every and step % cfg.save_every == 0:
+            last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler)
+    bar.close()
+
+    after = {"step": steps, "kind": "eval", **evaluate(model, tok, task, cfg, not quiet)}
+    append_metrics(out, after)
+    lio.write_adapter(model, out)
+    from .report import plot_run
+    plot_run(read_metrics(out), out / "report.png", title=f"lorafit: {task.name}")
+    summary = {"finished": True, "steps": steps, "before": before, "after": after, "trainable": n_train,
+               "total": n_total, "wall_time_s": round(time.time() - t0, 1), "output": str(out)}
+    write_text_atomic(state_file, json.dumps(summary, indent=2))
+    say(f"after training:  {_fmt(after)}")
+    say(f"done in {summary['wall_time_s']:.0f} s; adapter, config.yaml, metrics.jsonl and report.png in {out}")
+    return summary
+
+
+def _fmt(ev: dict) -> str:
+    parts = []
+    if "eval_accuracy" in ev:
+        parts.append(f"accuracy {ev['eval_accuracy']:.3f}")
+    if "eval_loss" in ev:
+        parts.append(f"eval loss {ev['eval_loss']:.4f}")
+    return ", ".join(parts) or "no eval split"
