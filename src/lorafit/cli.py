@@ -169,16 +169,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import plan_report
 
-    lora = read_yaml(args.config).get("lora", {}) if args.config else {}
-    if args.rank:
-        lora["r"] = args.rank
-    if args.target_modules:
-        lora["target_modules"] = args.target_modules
-    if args.use_dora:
-        lora["use_dora"] = True
+    settings = read_yaml(args.config) if args.config else {}
+    lora = dict(settings.get("lora") or {})
+    for field, value in (("r", args.rank), ("target_modules", args.target_modules), ("use_dora", args.use_dora or None)):
+        if value is not None:
+            lora[field] = value
     lora = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **lora}
-    print(plan_report(args.model, LoraConfig.from_dict(lora), batch_size=args.batch_size,
-                      max_length=args.max_length, dtype=args.dtype))
+    pick = lambda flag, key, default: flag if flag is not None else settings.get(key, default)  # noqa: E731
+    print(plan_report(args.model, LoraConfig.from_dict(lora), batch_size=pick(args.batch_size, "batch_size", 8),
+                      max_length=pick(args.max_length, "max_length", 256), dtype=pick(args.dtype, "dtype", "float32"),
+                      gradient_checkpointing=args.gradient_checkpointing or settings.get("gradient_checkpointing", False),
+                      as_json=args.json))
     return 0
 
 
@@ -211,10 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-modules", type=target_modules_arg, help="names, regex or all-linear "
                    "(default: q_proj,v_proj or the config's)")
     p.add_argument("--use-dora", action="store_true", help="plan a DoRA adapter (default: off)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch (default: 8)")
-    p.add_argument("--max-length", type=_positive_int, default=256, help="tokens per example (default: 256)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="base weights dtype (default: float32)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per micro-batch (default: 8 or the config's)")
+    p.add_argument("--max-length", type=_positive_int, help="tokens per example (default: 256 or the config's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="base weights dtype (default: float32 or the config's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation recomputation "
+                   "(default: off)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("merge", help="fold an adapter into its base model and write a transformers checkpoint")

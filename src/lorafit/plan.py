@@ -102,8 +102,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def plan_report(model_dir: str | Path, cfg: LoraConfig, batch_size: int = 8, max_length: int = 256,
-                dtype: str = "float32", gradient_checkpointing: bool = False) -> str:
-    """The text table `lorafit plan` prints."""
+                dtype: str = "float32", gradient_checkpointing: bool = False, as_json: bool = False) -> str:
+    """The text table `lorafit plan` prints (or the same facts as JSON)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .data import DataError
@@ -116,6 +116,13 @@ def plan_report(model_dir: str | Path, cfg: LoraConfig, batch_size: int = 8, max
     with torch.device("meta"):  # shapes only: planning a 7B model must not need 28 GB
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dt)
     p = plan(model, cfg, batch_size, max_length, gradient_checkpointing, runtime)
+    if as_json:
+        import dataclasses
+        import json
+        mem = dataclasses.asdict(p["memory"])
+        return json.dumps({"targets": [dataclasses.asdict(t) for t in p["targets"]], "trainable": p["trainable"],
+                           "total": p["total"], "file_bytes": p["file_bytes"],
+                           "memory_bytes": {**mem, "total": p["memory"].total}}, indent=2)
     lines = [f"plan for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha} target_modules={cfg.target_modules!r} "
              f"use_dora={cfg.use_dora} use_rslora={cfg.use_rslora}", ""]
     groups: dict[str, list[Target]] = {}

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,10 +411,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     from .report import plot_run
     plot_run(read_metrics(out), out / "report.png", title=f"lorafit: {task.name}")
     summary = {"finished": True, "steps": steps, "before": before, "after": after, "trainable": n_train,
-               "total": n_total, "wall_time_s": round(time.time() - t0, 1), "output": str(out)}
+               "total": n_total, "wall_time_s": round(time.time() - t0, 1), "output": str(out),
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     write_text_atomic(state_file, json.dumps(summary, indent=2))
     say(f"after training:  {_fmt(after)}")
-    say(f"done in {summary['wall_time_s']:.0f} s; adapter, config.yaml, metrics.jsonl and report.png in {out}")
+    say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, config.yaml, metrics.jsonl and report.png in {out}")
     return summary
 
 
