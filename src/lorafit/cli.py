@@ -66,6 +66,9 @@ TRAIN_FLAGS = {
     "--eval-every": ("eval_every", _nonneg_int, "evaluate every N steps; 0 = before and after only (default: 0)"),
     "--save-every": ("save_every", _nonneg_int, "checkpoint every N steps; 0 = never (default: 0; the demo: 20)"),
     "--dtype": ("dtype", str, "base weights dtype: float32, bfloat16, float16 (default: float32)"),
+    "--strategy": ("strategy", str, "under torchrun: ddp, fsdp or auto (DDP when a weight copy fits) (default: auto)"),
+    "--dist-timeout": ("dist_timeout", float, "seconds a collective waits for a dead peer before failing "
+                       "(default: 300)"),
     "--rank": ("lora.r", _positive_int, "LoRA rank r (default: 8)"),
     "--lora-alpha": ("lora.lora_alpha", float, "LoRA alpha; scaling = alpha/r (default: 16)"),
     "--lora-dropout": ("lora.lora_dropout", float, "dropout on the LoRA input (default: 0)"),

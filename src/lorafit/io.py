@@ -28,7 +28,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import __version__
 from .config import ConfigError, LoraConfig
 from .model import adapter_layers, adapter_parameter_names, attach, state_of
 from .targets import select_targets
@@ -67,7 +66,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's key names (detached, contiguous, on the CPU)."""
     kinds = {name: layer.kind for name, layer in adapter_layers(model)}
     params = dict(model.named_parameters())
-    return {peft_key(n, kinds): params[n].detach().to("cpu").contiguous() for n in adapter_parameter_names(model)}
+    out = {}
+    for n in adapter_parameter_names(model):
+        t = params[n].detach()
+        if hasattr(t, "full_tensor"):  # an FSDP2 shard: gather the whole tensor (a collective on every rank)
+            t = t.full_tensor()
+        out[peft_key(n, kinds)] = t.to("cpu").contiguous()
+    return out
 
 
 def adapter_config_dict(model: nn.Module) -> dict:
@@ -86,7 +91,7 @@ def adapter_config_dict(model: nn.Module) -> dict:
         init_lora_weights=cfg.init_lora_weights if cfg.init_lora_weights in (True, False, "gaussian") else True,
         modules_to_save=sorted(state.saved) or None,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        revision=None, peft_version=None, lorafit_version=__version__,
+        revision=None,
     )
     return d
 
@@ -129,11 +134,12 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     return path
 
 
-def write_adapter(model: nn.Module, folder: Union[str, Path]) -> None:
+def write_adapter(model: nn.Module, folder: Union[str, Path], tensors: dict[str, Tensor] | None = None) -> None:
     """Write the adapter files into an existing folder (e.g. a run's output), each file replaced atomically;
     the weights go first, so a folder with a config always has its weights."""
     folder = Path(folder)
-    tensors, config = adapter_state_dict(model), adapter_config_dict(model)
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    config = adapter_config_dict(model)
     tmp = folder / f".{WEIGHTS_NAME}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / WEIGHTS_NAME)

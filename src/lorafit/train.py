@@ -11,6 +11,7 @@ Output folder layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -63,6 +64,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16 (weights of the base model)
     add_eos: bool = True  # append EOS to completions / texts
+    strategy: str = "auto"  # under torchrun: ddp | fsdp | auto (DDP when a weight copy fits, else FSDP2)
+    dist_timeout: float = 300  # seconds a collective may wait for a peer before the job fails
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, lora_alpha=16,
                                                                 target_modules=["q_proj", "v_proj"]))
 
@@ -86,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"eval_split={self.eval_split!r} is invalid: expected a number in [0, 1)")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"strategy={self.strategy!r} is invalid: expected auto, ddp or fsdp")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
         for name in ("weight_decay", "max_grad_norm"):
@@ -182,7 +187,8 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     mask = targets != IGNORE
     cols = mask.any(0).nonzero().squeeze(1)  # (K,)
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if _accepts_logits_to_keep(model):
+    from .distributed import unwrap
+    if _accepts_logits_to_keep(unwrap(model)):
         logits = model(**kwargs, logits_to_keep=cols).logits  # (B, K, V)
     else:
         logits = model(**kwargs).logits[:, :-1][:, cols]  # (B, K, V)
@@ -205,13 +211,25 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions (the caller divides by the step's token count,
+    so micro-batches and ranks with different numbers of tokens weigh each token equally)."""
+    logits, targets, _ = labelled_logits(model, batch)  # (N, V), (N,)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
 @torch.no_grad()
-def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool) -> dict[str, float]:
-    """Eval loss over the held-out split, and choice accuracy when the task has single-token choices."""
+def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool, d=None) -> dict[str, float]:
+    """Eval loss over the held-out split, and choice accuracy when the task has single-token choices. Under
+    torchrun each rank scores every world-th example and the sums are all-reduced."""
     from tqdm.auto import tqdm
 
+    from .distributed import Dist, all_sum
+
+    d = d or Dist()
     if not task.eval:
         return {}
+    examples = task.eval[d.rank::d.world]
     was_training = model.training
     model.eval()
     choice_ids = None
@@ -219,8 +237,8 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool) -> dict[s
         ids = [tok(c, add_special_tokens=False)["input_ids"] for c in task.choices]
         choice_ids = [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
     total, count, correct = 0.0, 0, 0
-    for i in tqdm(range(0, len(task.eval), cfg.batch_size), desc="evaluating", disable=not progress, leave=False):
-        chunk = task.eval[i:i + cfg.batch_size]
+    for i in tqdm(range(0, len(examples), cfg.batch_size), desc="evaluating", disable=not progress, leave=False):
+        chunk = examples[i:i + cfg.batch_size]
         batch = collate([tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in chunk], tok.pad_token_id)
         logits, targets, sel = labelled_logits(model, batch)  # (N, V), (N,), (B, K)
         logits = logits.float()
@@ -232,6 +250,7 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool) -> dict[s
             gold = torch.tensor([task.choices.index(e["completion"]) for e in chunk])
             correct += int((rows[:, choice_ids].argmax(1) == gold).sum())
     model.train(was_training)
+    total, count, correct = all_sum([total, float(count), float(correct)], d)
     out = {"eval_loss": total / max(count, 1)}
     if choice_ids is not None:
         out["eval_accuracy"] = correct / len(task.eval)
@@ -240,11 +259,16 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool) -> dict[s
 
 # --- checkpoints -----------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
-    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically."""
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, scheduler, d=None) -> Path:
+    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0."""
+    from .distributed import barrier
+    state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     tensors, config = lio.adapter_state_dict(model), lio.adapter_config_dict(model)
+    path = out / f"checkpoint-{step}"
+    if d is not None and not d.main:
+        barrier(d)
+        return path
 
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
@@ -252,8 +276,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
         (tmp / lio.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         torch.save(state, tmp / "trainer_state.pt")
 
-    path = out / f"checkpoint-{step}"
     lio._atomic_dir(path, write)
+    if d is not None:
+        barrier(d)
     return path
 
 
@@ -304,34 +329,59 @@ def prepare_output(cfg: TrainConfig, resume: bool) -> Path:
     return out
 
 
+def _optimizer_state(model, optimizer, strategy: str) -> dict:
+    """The optimizer state as one full dict (FSDP shards are gathered; every rank must call this)."""
+    if strategy != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(model, optimizer, state: dict, strategy: str) -> None:
+    if strategy != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
 def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     """Train per ``cfg`` (or continue the run in ``cfg.output`` with ``resume``) and return a summary dict.
 
-    Bad input (data, model folder, LoRA config) raises before anything is written to the output folder.
+    Bad input (data, model folder, LoRA config) raises before anything is written to the output folder. Under
+    torchrun, every rank trains its share of each global batch and rank 0 writes the files.
     """
     import yaml
     from tqdm.auto import tqdm
 
-    say, t0 = _say(quiet), time.time()
-    if quiet:
+    from . import distributed as D
+
+    d = D.setup(cfg.dist_timeout)
+    t0 = time.time()
+    say = _say(quiet) if d.main else (lambda msg: None)
+    if quiet or not d.main:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
+    show = not quiet and d.main
     out = prepare_output(cfg, resume)
     state_file = out / "trainer_state.json"
     if resume and state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
         say(f"{out}: this run is already finished; nothing to do")
+        D.teardown(d)
         return json.loads(state_file.read_text())
 
     task = load_task(cfg)
-    model_dir = resolve_model_dir(cfg, progress=not quiet)
+    model_dir = resolve_model_dir(cfg, progress=show)
     model, tok = load_model(model_dir, cfg.dtype)
     from .targets import select_targets
     select_targets(model, cfg.lora)  # a config that does not fit the model fails here, before any file is written
     train_set = [tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in task.train]
-    if not train_set:
-        raise DataError("the training split is empty; add examples or lower eval_split")
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = math.ceil(cfg.epochs * len(train_set) / per_step) if cfg.epochs else cfg.steps
+    global_batch = cfg.batch_size * d.world
+    if len(train_set) < global_batch:
+        raise DataError(f"the training split has {len(train_set)} examples, fewer than one global batch "
+                        f"({cfg.batch_size} x {d.world} processes); add data or lower --batch-size")
+    steps = math.ceil(cfg.epochs * len(train_set) / (global_batch * cfg.grad_accum)) if cfg.epochs else cfg.steps
+    D.barrier(d)  # every rank has validated its input before rank 0 writes anything
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -343,15 +393,20 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    n_train, n_total = trainable_parameters(model)
+    strategy = D.choose_strategy(cfg.strategy, model, d) if d.enabled else "single"
+    core = model  # the user's (unwrapped) model; under FSDP2 it is sharded in place
+    if d.enabled:
+        model = D.wrap(model, strategy, d)
     model.train()
-    names = set(adapter_parameter_names(model))
-    params = [p for n, p in model.named_parameters() if n in names]
+    names = set(adapter_parameter_names(core))
+    params = [p for n, p in core.named_parameters() if n in names]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     start = 0
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(model, optimizer, state["optimizer"], strategy)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -359,63 +414,80 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
         say(f"resuming {out} from {ckpt.name}")
     kept = [r for r in read_metrics(out) if r["step"] <= start and (start > 0 or r.get("kind") == "eval")]
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    n_train, n_total = trainable_parameters(model)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    log = (lambda record: append_metrics(out, record)) if d.main else (lambda record: None)
     say(f"model {model_dir} | trainable {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.3f}%) | "
-        f"{len(train_set)} train / {len(task.eval)} eval examples | {steps} steps")
+        f"{len(train_set)} train / {len(task.eval)} eval examples | {steps} steps"
+        + (f" | {d.world} processes, {strategy}" if d.enabled else ""))
 
     before = next((r for r in kept if r.get("kind") == "eval" and r["step"] == 0), None)
     if before is None:
-        before = {"step": 0, "kind": "eval", **evaluate(model, tok, task, cfg, not quiet)}
-        append_metrics(out, before)
+        before = {"step": 0, "kind": "eval", **evaluate(model, tok, task, cfg, show, d)}
+        log(before)
         say(f"before training: {_fmt(before)}")
 
-    batches = batch_indices(len(train_set), cfg.batch_size, cfg.seed, start=start * cfg.grad_accum)
-    bar = tqdm(total=steps, initial=start, desc="training", disable=quiet, dynamic_ncols=True)
+    batches = batch_indices(len(train_set), global_batch, cfg.seed, start=start * cfg.grad_accum)
+    bar = tqdm(total=steps, initial=start, desc="training", disable=not show, dynamic_ncols=True)
     last_ckpt = ckpt
     for step in range(start + 1, steps + 1):
-        total = 0.0
+        micro = []
         for _ in range(cfg.grad_accum):
-            batch = collate([train_set[i] for i in next(batches)], tok.pad_token_id)
-            loss = causal_lm_loss(model, batch)
-            if not torch.isfinite(loss):
-                kept_msg = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise TrainingError(f"loss became {loss.item()} at step {step}; stopping ({kept_msg}). Lower --lr, "
-                                    "use float32, or check the data")
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            idx = next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
+            micro.append(collate([train_set[i] for i in idx], tok.pad_token_id))
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        (n_tokens,) = D.all_sum([float(local_tokens)], d)  # the step's loss is the mean over all its tokens
+        local_loss = 0.0
+        for k, batch in enumerate(micro):
+            sync = k == len(micro) - 1 or strategy != "ddp"
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                loss_sum = token_loss_sum(model, batch)
+                if not torch.isfinite(loss_sum):
+                    kept_msg = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                    raise TrainingError(f"loss became {loss_sum.item()} at step {step}; stopping ({kept_msg}). "
+                                        "Lower --lr, use float32, or check the data")
+                (loss_sum * (d.world / max(n_tokens, 1.0))).backward()  # DDP averages over ranks: undo it
+            local_loss += loss_sum.item()
+        (total,) = D.all_sum([local_loss], d)
+        total /= max(n_tokens, 1.0)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm),
-                  "elapsed": round(time.time() - t0, 2)}
-        append_metrics(out, record)
+        log({"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm),
+             "elapsed": round(time.time() - t0, 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
         if quiet and (step % max(1, steps // 10) == 0 or step == steps):
             say(f"step {step}/{steps} loss {total:.4f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-            ev = {"step": step, "kind": "eval", **evaluate(model, tok, task, cfg, False)}
-            append_metrics(out, ev)
+            ev = {"step": step, "kind": "eval", **evaluate(model, tok, task, cfg, False, d)}
+            log(ev)
             say(f"step {step}: {_fmt(ev)}")
         if cfg.save_every and step % cfg.save_every == 0:
-            last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler)
+            last_ckpt = save_checkpoint(out, step, core, _optimizer_state(model, optimizer, strategy), scheduler, d)
     bar.close()
 
-    after = {"step": steps, "kind": "eval", **evaluate(model, tok, task, cfg, not quiet)}
-    append_metrics(out, after)
-    lio.write_adapter(model, out)
-    from .report import plot_run
-    plot_run(read_metrics(out), out / "report.png", title=f"lorafit: {task.name}")
+    after = {"step": steps, "kind": "eval", **evaluate(model, tok, task, cfg, show, d)}
+    log(after)
+    divergence = D.max_divergence(params, d) if strategy == "ddp" else None
+    tensors = lio.adapter_state_dict(core)  # a collective under FSDP: every rank gathers
     summary = {"finished": True, "steps": steps, "before": before, "after": after, "trainable": n_train,
                "total": n_total, "wall_time_s": round(time.time() - t0, 1), "output": str(out),
-               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    write_text_atomic(state_file, json.dumps(summary, indent=2))
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "processes": d.world, "strategy": strategy, "max_rank_divergence": divergence}
+    if d.main:
+        lio.write_adapter(core, out, tensors)
+        from .report import plot_run
+        plot_run(read_metrics(out), out / "report.png", title=f"lorafit: {task.name}")
+        write_text_atomic(state_file, json.dumps(summary, indent=2))
     say(f"after training:  {_fmt(after)}")
-    say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, config.yaml, metrics.jsonl and report.png in {out}")
+    say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, "
+        f"config.yaml, metrics.jsonl and report.png in {out}")
+    D.barrier(d)
+    D.teardown(d)
     return summary
 
 
