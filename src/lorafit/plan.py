@@ -6,7 +6,8 @@ Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
   + weights      every base parameter at its dtype
   + adapter      16 bytes per trainable parameter: fp32 value, gradient and AdamW's two moments
   + activations  what backward keeps per token and layer (decoder transformer: ~10·H + 4·kv + 4·I values; with
-                 gradient checkpointing only each layer's input) + the logits and their loss tensors (~4·V)
+                 gradient checkpointing only each layer's input), plus each distinct input of an adapted module
+                 (A's gradient needs it), plus the logits and their loss tensors (~4·V)
 
 The activation coefficients were calibrated against measured peak RSS (tests/test_plan.py checks the estimate is
 within 25% of a real run).
@@ -61,8 +62,21 @@ def adapter_parameters(model: nn.Module, targets: list[Target], use_dora: bool) 
     return counts
 
 
+def adapted_inputs(model: nn.Module, targets: list[Target]) -> int:
+    """Values per token that backward keeps for the adapters: each distinct input of an adapted module (q, k and v
+    read one input, so it counts once) is saved to compute A's gradient, even where the frozen base needs none."""
+    from .layers import in_out_features
+    seen = {}
+    for t in targets:
+        parent = t.name.rsplit(".", 1)[0] if "." in t.name else ""
+        n_in = in_out_features(model.get_submodule(t.name), t.kind)[0] if t.kind != "embedding" else 0
+        seen[(parent, n_in)] = n_in
+    return sum(seen.values())
+
+
 def estimate_memory(model: nn.Module, n_adapter: int, batch_size: int, max_length: int,
-                    gradient_checkpointing: bool = False, runtime: int | None = None) -> MemoryEstimate:
+                    gradient_checkpointing: bool = False, runtime: int | None = None,
+                    adapter_inputs: int = 0) -> MemoryEstimate:
     """Peak training memory, by parts (see the module docstring)."""
     cfg = getattr(model, "config", None)
     get = lambda *names, default=0: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa
@@ -75,12 +89,13 @@ def estimate_memory(model: nn.Module, n_adapter: int, batch_size: int, max_lengt
     act_bytes = 4  # activations of the loss path run in float32 on the CPU
     tokens = batch_size * max_length
     per_token_layer = hidden if gradient_checkpointing else 10 * hidden + 4 * kv + 4 * inter
+    per_token_adapters = 0 if gradient_checkpointing else adapter_inputs
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return MemoryEstimate(
         runtime=(runtime if runtime is not None else current_rss()) + TOKENIZER_AND_DATA,
         weights=weights,
         adapter=16 * n_adapter,
-        activations=tokens * layers * per_token_layer * act_bytes,
+        activations=tokens * (layers * per_token_layer + per_token_adapters) * act_bytes,
         logits=4 * tokens * vocab * 4,
     )
 
@@ -92,7 +107,8 @@ def plan(model: nn.Module, cfg: LoraConfig, batch_size: int = 8, max_length: int
     per_module = adapter_parameters(model, targets, cfg.use_dora)
     n_adapter = sum(per_module.values())
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    mem = estimate_memory(model, n_adapter, batch_size, max_length, gradient_checkpointing, runtime)
+    mem = estimate_memory(model, n_adapter, batch_size, max_length, gradient_checkpointing, runtime,
+                          adapted_inputs(model, targets))
     return {"targets": targets, "per_module": per_module, "trainable": n_adapter, "total": total,
             "file_bytes": 4 * n_adapter + 200 * len(targets), "memory": mem}
 
