@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -115,7 +113,7 @@ def test_interrupted_checkpoint_write_is_ignored_on_resume(model_dir, data, tmp_
     (out / ".checkpoint-12.tmp-x").mkdir()
     (out / ".checkpoint-12.tmp-x" / "adapter_model.safetensors").write_bytes(b"partial")
     (out / "trainer_state.json").unlink()
-    from lorafit.train import latest_checkpoint
+    from lorafit.checkpoint import latest_checkpoint
     assert latest_checkpoint(out).name == "checkpoint-8"
 
 

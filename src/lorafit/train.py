@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import time
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from . import io as lio
 from .config import ConfigError, LoraConfig
 from .data import IGNORE, DataError, batch_indices, collate, read_examples, split, tokenize
+from .checkpoint import (append_metrics, latest_checkpoint, load_optimizer_state, optimizer_state, read_metrics,
+                         save_checkpoint, write_text_atomic)
 from .model import adapter_parameter_names, attach, trainable_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -257,59 +258,6 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool, d=None) -
     return out
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------
-
-def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, scheduler, d=None) -> Path:
-    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0."""
-    from .distributed import barrier
-    state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    tensors, config = lio.adapter_state_dict(model), lio.adapter_config_dict(model)
-    path = out / f"checkpoint-{step}"
-    if d is not None and not d.main:
-        barrier(d)
-        return path
-
-    def write(tmp: Path) -> None:
-        from safetensors.torch import save_file
-        save_file(tensors, str(tmp / lio.WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / lio.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        torch.save(state, tmp / "trainer_state.pt")
-
-    lio._atomic_dir(path, write)
-    if d is not None:
-        barrier(d)
-    return path
-
-
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    """The complete checkpoint with the highest step (temp folders of interrupted writes are ignored)."""
-    found = []
-    for p in out.glob("checkpoint-*"):
-        tail = p.name.split("-", 1)[1]
-        if tail.isdigit() and (p / "trainer_state.pt").is_file() and (p / lio.WEIGHTS_NAME).is_file():
-            found.append((int(tail), p))
-    return max(found)[1] if found else None
-
-
-def append_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --- the run ---------------------------------------------------------------------------------------------
 
 def _say(quiet: bool):
@@ -327,22 +275,6 @@ def prepare_output(cfg: TrainConfig, resume: bool) -> Path:
         raise DataError(f"output folder {out} already exists and is not empty; continue it with --resume {out} "
                         "or choose another --output")
     return out
-
-
-def _optimizer_state(model, optimizer, strategy: str) -> dict:
-    """The optimizer state as one full dict (FSDP shards are gathered; every rank must call this)."""
-    if strategy != "fsdp":
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_optimizer_state(model, optimizer, state: dict, strategy: str) -> None:
-    if strategy != "fsdp":
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
@@ -406,7 +338,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     start = 0
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        _load_optimizer_state(model, optimizer, state["optimizer"], strategy)
+        load_optimizer_state(model, optimizer, state["optimizer"], strategy)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -467,7 +399,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
             log(ev)
             say(f"step {step}: {_fmt(ev)}")
         if cfg.save_every and step % cfg.save_every == 0:
-            last_ckpt = save_checkpoint(out, step, core, _optimizer_state(model, optimizer, strategy), scheduler, d)
+            last_ckpt = save_checkpoint(out, step, core, optimizer_state(model, optimizer, strategy), scheduler, d)
     bar.close()
 
     after = {"step": steps, "kind": "eval", **evaluate(model, tok, task, cfg, show, d)}

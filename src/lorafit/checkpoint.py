@@ -1,0 +1,86 @@
+"""Run folders: resumable checkpoints, the metrics log and atomic small-file writes.
+
+``checkpoint-<step>/`` holds the adapter (PEFT layout) and ``trainer_state.pt`` (optimizer, scheduler, RNG states
+and the step, which is also the position in the data). Each is written into a temporary folder beside its target
+and renamed at the end, so a kill at any moment leaves only complete checkpoints; ``latest_checkpoint`` ignores
+the temporary folders of an interrupted write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import io as lio
+
+
+def optimizer_state(model, optimizer, strategy: str) -> dict:
+    """The optimizer state as one full dict (FSDP shards are gathered; every rank must call this)."""
+    if strategy != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, strategy: str) -> None:
+    if strategy != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(out: Path, step: int, model, optim_state: dict, scheduler, d=None) -> Path:
+    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0."""
+    from .distributed import barrier
+    state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    tensors, config = lio.adapter_state_dict(model), lio.adapter_config_dict(model)
+    path = out / f"checkpoint-{step}"
+    if d is not None and not d.main:
+        barrier(d)
+        return path
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp / lio.WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / lio.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        torch.save(state, tmp / "trainer_state.pt")
+
+    lio._atomic_dir(path, write)
+    if d is not None:
+        barrier(d)
+    return path
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step (temp folders of interrupted writes are ignored)."""
+    found = []
+    for p in out.glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / "trainer_state.pt").is_file() and (p / lio.WEIGHTS_NAME).is_file():
+            found.append((int(tail), p))
+    return max(found)[1] if found else None
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
