@@ -7,15 +7,25 @@ The layer keeps the wrapped module's ``weight`` and ``bias`` Parameters by refer
 model's state_dict do not change (``q_proj.weight`` stays ``q_proj.weight``). The adapter adds ``lora_A`` (r, in),
 ``lora_B`` (out, r) and, for DoRA, ``lora_magnitude`` (out,). The original module is kept (unregistered) so that
 ``merge`` can put it back.
+
+Two forward paths compute the same function. In training mode, Linear and Conv1D layers take the fused path
+(``fused.lora_linear``: one autograd function, no saved dropout copies, DoRA without the full matrix); the plain
+composition below is the reference, used in eval mode, for embeddings and convs, under autocast, and everywhere when
+``FUSED`` is False (``lorafit.layers.FUSED = False``, or ``LORAFIT_FUSED=0`` in the environment). Both draw their
+dropout masks from ``fused.dropout_seed``, so with the same RNG state they see the same masks.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import fused, ops
+
+FUSED = os.environ.get("LORAFIT_FUSED", "1") != "0"  # the fused training path for Linear/Conv1D; False: reference
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -71,7 +81,9 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))
         m_shape = magnitude_shape(base, kind)
         self.lora_magnitude = nn.Parameter(torch.ones(m_shape, dtype=dtype, device=w.device)) if use_dora else None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind != "embedding" else nn.Identity()
+        # a seeded nn.Dropout: its masks are the fused path's masks (embeddings take ids: no dropout, as PEFT)
+        self.dropout = fused.SeededDropout(dropout if kind != "embedding" else 0.0)
+        self._w0_sq: tuple | None = None  # DoRA: (weight key, ||W0_i||²), recomputed only when the weight changes
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.use_dora else ""
@@ -97,7 +109,7 @@ class LoraLayer(nn.Module):
             b = self.base
             h = F.embedding(x, A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
             return (h * self.scaling) @ B.t()  # (..., r) @ (r, dim) -> (..., dim)
-        x = self.dropout(x.to(A.dtype))
+        x = self.dropout(x.to(A.dtype), source=x)
         if self.kind == "conv":
             conv = F.conv1d if A.dim() == 3 else F.conv2d
             h = conv(x, A, None, self.base.stride, self.base.padding)  # (N, r, *spatial)
@@ -118,6 +130,9 @@ class LoraLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.base_forward(x, self.bias)
+        if FUSED and self.training and self.kind in ("linear", "linear_t") \
+                and not torch.is_autocast_enabled(x.device.type):
+            return self.fused_forward(x)
         if not self.use_dora:
             out = self.base_forward(x, self.bias)
             return out + self.lora_forward(x).to(out.dtype)
@@ -126,6 +141,20 @@ class LoraLayer(nn.Module):
         if self.bias is not None:  # DoRA rescales the weight, never the bias
             out = out + (self.bias.view(1, -1, *([1] * (out.dim() - 2))) if self.kind == "conv" else self.bias)
         return out
+
+    @torch.compiler.disable
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The same function as ``forward``'s reference path, as one autograd function (``fused.lora_linear``)."""
+        w0_sq = None
+        if self.use_dora:
+            w = self.weight
+            key = (w.data_ptr(), w._version, w.device, w.dtype)
+            if self._w0_sq is None or self._w0_sq[0] != key:  # W0 is frozen: changes only by load, init or .to()
+                self._w0_sq = (key, fused.row_sq_norms(ops.as_matrix(w, self.kind), self.lora_A.dtype))
+            w0_sq = self._w0_sq[1]
+        return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                 self.dropout.p if self.training else 0.0, self.kind == "linear_t",
+                                 self.lora_magnitude, w0_sq)
 
     # --- initialisation -----------------------------------------------------------------------------------
 

@@ -1,0 +1,233 @@
+"""One training step (forward, backward, AdamW) of PEFT and lorafit side by side, against the frozen-model floor.
+
+    python benchmarks/step.py                        # random Llama + SmolLM2-135M if cached, dropout 0.05 and 0
+    python benchmarks/step.py --models llama-1024 --dropouts 0.05 --rounds 5
+
+The floor is what any adapter must pay at least: the same frozen model (nothing requires grad) run forward and
+backward to its input embeddings on the same batch, without an optimizer.
+
+Each configuration lives in its own process (so its peak RSS, ru_maxrss, is its own), and the processes take turns:
+one round runs one step in each, in rotating order, so a slow spell of the machine hits every configuration alike.
+The table gives each configuration's median step time, the median over rounds of its ratio to the floor step of the
+same round, and, for lorafit, of its ratio to PEFT's step ("cpu x floor": the same ratio in process CPU time, less
+sensitive to other processes on the machine); "extra" is peak RSS minus the floor's peak RSS: what the adapter's
+training costs on top of running the model. Configurations of one dropout value run together, and the
+floor runs with each group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+THREADS = 2
+R, ALPHA = 16, 32
+
+# name -> (description, batch, seq)
+MODELS = {
+    "llama-1024": ("random Llama (LlamaConfig defaults, vocab 32000): hidden 1024, 2 layers, 16 heads, "
+                   "intermediate 2816", 4, 256),
+    "smollm2-135m": ("SmolLM2-135M-Instruct, real weights, float32", 4, 128),
+}
+CONFIGS = ("floor", "peft-lora", "lorafit-lora", "peft-dora", "lorafit-dora")
+
+
+def smollm2_path():
+    """The cached SmolLM2 folder, or None (the benchmark never downloads)."""
+    try:
+        from lorafit import assets
+    except ImportError:
+        return None
+    path = assets.cache_dir() / "models" / assets.SMOLLM2_NAME
+    return path if (path / "model.safetensors").is_file() else None
+
+
+def build_model(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name == "llama-1024":
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
+        return LlamaForCausalLM(cfg)
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+
+
+def make_step(model_name: str, config: str, dropout: float):
+    """The model with the adapter of ``config`` attached, and a function running one training step."""
+    import torch
+
+    model = build_model(model_name).train()
+    _, batch, seq = MODELS[model_name]
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    kind, _, method = config.partition("-")
+    if kind == "floor":
+        model.requires_grad_(False)
+    elif kind == "peft":
+        import peft
+
+        cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
+                              use_dora=method == "dora")
+        model = peft.get_peft_model(model, cfg).train()
+    else:
+        import lorafit
+        import lorafit.layers
+
+        lorafit.layers.FUSED = kind == "lorafit"  # "lorafitref-..." runs the reference path
+        cfg = lorafit.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
+                                 use_dora=method == "dora")
+        model = lorafit.attach(model, cfg).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+
+    def step() -> None:
+        if opt is None:  # floor: backward reaches the (grad-requiring) input embeddings
+            x = embed(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=x, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def serve(model_name: str, config: str, dropout: float, threads: int) -> None:
+    """Child process: build, then run one step per "step" line on stdin; "quit" reports the peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    step = make_step(model_name, config, dropout)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            print(json.dumps({"step_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}), flush=True)
+        else:
+            break
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+
+
+class Child:
+    def __init__(self, model_name: str, config: str, dropout: float, threads: int) -> None:
+        cmd = [sys.executable, __file__, "--serve", config, "--models", model_name, "--dropouts", str(dropout),
+               "--threads", str(threads)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.name = config
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, command: str | None = None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} process died (exit code {self.proc.wait()}); see its stderr above")
+        return json.loads(line)
+
+
+def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, warmup: int,
+              threads: int) -> dict[str, dict]:
+    """Run ``configs`` (with the floor) in lock step; per config: step times, ratios to floor and PEFT, peak RSS."""
+    names = ["floor"] + [c for c in configs if c != "floor"]
+    children = [Child(model_name, c, dropout, threads) for c in names]
+    try:
+        for child in children:
+            child.ask()  # ready
+        times: dict[str, list[float]] = {c: [] for c in names}
+        cpu: dict[str, list[float]] = {c: [] for c in names}
+        for rnd in range(warmup + rounds):
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            for child in sorted(children, key=lambda ch: order.index(ch.name)):
+                res = child.ask("step")
+                if rnd >= warmup:
+                    times[child.name].append(res["step_s"])
+                    cpu[child.name].append(res["cpu_s"])
+            if rnd >= warmup:
+                print(f"  [{model_name} p={dropout:g} round {rnd - warmup + 1}] "
+                      + ", ".join(f"{c} {times[c][-1]:.2f}s" for c in names), file=sys.stderr, flush=True)
+        peaks = {child.name: child.ask("quit")["peak_mb"] for child in children}
+    finally:
+        for child in children:
+            child.proc.kill() if child.proc.poll() is None else None
+    result = {}
+    for c in names:
+        peer = "peft-" + c.partition("-")[2] if c.startswith("lorafit") else None
+        result[c] = {
+            "step_s": statistics.median(times[c]),
+            "x_floor": statistics.median(a / f for a, f in zip(times[c], times["floor"])),
+            "cpu_x_floor": statistics.median(a / f for a, f in zip(cpu[c], cpu["floor"])),
+            "x_peft": statistics.median(a / b for a, b in zip(times[c], times[peer])) if peer in times else None,
+            "peak_mb": peaks[c],
+            "extra_mb": peaks[c] - peaks["floor"],
+            "extra_vs_peft": ((peaks[c] - peaks["floor"]) / (peaks[peer] - peaks["floor"])
+                              if peer in peaks and peaks[peer] > peaks["floor"] else None),
+        }
+    return result
+
+
+def table(model_name: str, results: dict[float, dict[str, dict]], threads: int) -> str:
+    desc, batch, seq = MODELS[model_name]
+    lines = [f"## {model_name}: {desc}; batch {batch} x {seq}, r={R}, alpha={ALPHA}, all-linear, AdamW, "
+             f"{threads} threads",
+             f"{'config':<14} {'dropout':>7} {'step s':>7} {'x floor':>8} {'x PEFT':>7} {'cpu x floor':>11} "
+             f"{'peak MB':>8} {'extra MB':>9} {'extra/PEFT':>10}"]
+    for p, group in results.items():
+        for c, r in group.items():
+            x_peft = f"{r['x_peft']:.3f}" if r["x_peft"] else "-"
+            extra_vs = f"{r['extra_vs_peft']:.1%}" if r["extra_vs_peft"] is not None else "-"
+            lines.append(f"{c:<14} {p:>7g} {r['step_s']:>7.3f} {r['x_floor']:>8.3f} {x_peft:>7} "
+                         f"{r['cpu_x_floor']:>11.3f} {r['peak_mb']:>8.0f} {r['extra_mb']:>9.0f} {extra_vs:>10}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                    help=f"any of {', '.join(CONFIGS)}, lorafitref-lora, lorafitref-dora (lorafit's reference path)")
+    ap.add_argument("--dropouts", nargs="+", type=float, default=[0.05, 0.0])
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (one step per configuration each)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.models[0], args.serve, args.dropouts[0], args.threads)
+        return
+
+    import torch
+    import transformers
+
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = "not installed"
+    print(f"# {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft_version}, {os.cpu_count()} CPUs; {args.rounds} rounds (+{args.warmup} warmup), medians; "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    for model_name in args.models:
+        if model_name == "smollm2-135m" and smollm2_path() is None:
+            print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.assets as a; a.smollm2()')")
+            continue
+        results = {p: run_group(model_name, p, args.configs, args.rounds, args.warmup, args.threads)
+                   for p in args.dropouts}
+        print()
+        print(table(model_name, results, args.threads), flush=True)
+    print(f"\n# load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Fused LoRA and DoRA training kernels for linear layers: one autograd function that saves only what backward needs.
+
+    LoRA (Hu et al., 2021, eq. 3):   h = W0·x + b + s·B·A·drop(x)
+    DoRA (Liu et al., 2024, eq. 5):  h = (m / ||W0 + s·B·A||_row) ⊙ (W0·x + s·B·A·drop(x)) + b
+
+Composed from modules (PEFT, and lorafit's reference path in ``layers.py``), each adapter pays for a full copy of
+its dropped input and a float mask (both saved for backward), full-size temporaries for scaling and adding, and, for
+DoRA, the full matrix W0 + s·B·A every step. Here, per layer and step:
+
+* the dropout mask is a pure function of a 62-bit seed (``keep_mask``); backward regenerates it instead of saving
+  it, and saves the input x once (adapters that read the same tensor share it: q/k/v, gate/up);
+* the scales s and 1/(1-p) multiply the rank-r intermediate (N, r), and s·B·(A·drop(x)) is accumulated into the
+  base output in place (``addmm_``);
+* DoRA's row norms come from the factorised form (``dora_norm``) with ||W0_i||² computed once, and the base
+  output W0·x is reused for the magnitude's gradient (m's gradient is Σ_n g ⊙ y / ||W||, with y recovered from the
+  saved output) instead of a second matmul.
+
+Dropout masks: ``dropout_seed`` draws the seed from torch's global CPU RNG, which ``torch.utils.checkpoint``
+restores before recomputing, so a recomputed forward regenerates the same mask. With ``SHARE_DROPOUT`` (default on,
+env ``LORAFIT_SHARE_DROPOUT=0`` turns it off) adapters that read the *same tensor* (q/k/v, gate/up) use one mask,
+computed once; PEFT draws one mask per adapter. The probability is rounded to a multiple of 2⁻¹⁶ (0.05 ->
+0.0500031) and kept units are scaled by 1/(1-p) of that rounded p, so E[drop(x)] = x exactly. The reference path
+draws its masks through the same functions, so both paths see identical masks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SHARE_DROPOUT = os.environ.get("LORAFIT_SHARE_DROPOUT", "1") != "0"
+
+_LEVELS = 1 << 16  # the mask compares 16-bit uniform integers with round(p·2¹⁶)
+_CHUNK = 1 << 20  # mask elements drawn per call: 2 MB of random words at a time, not a full-size temporary
+
+
+# --- dropout from a seed ------------------------------------------------------------------------------------
+
+def quantised_p(p: float) -> float:
+    """The dropout probability the masks realise: p rounded to a multiple of 2⁻¹⁶."""
+    return round(p * _LEVELS) / _LEVELS
+
+
+def keep_scale(p: float) -> float:
+    """1 / (1 - p) for the realised p: the factor that keeps E[drop(x)] = x."""
+    return 1.0 / (1.0 - quantised_p(p))
+
+
+_generators = threading.local()  # one reusable torch.Generator per device and thread (backward may run elsewhere)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    gens = _generators.__dict__.setdefault("by_device", {})
+    gen = gens.get(device)
+    if gen is None:
+        gen = gens[device] = torch.Generator(device=device)
+    return gen.manual_seed(seed)
+
+
+def keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """Bernoulli(1 - p) mask of ``shape`` in float32 (1.0 kept, 0.0 dropped): a pure function of (seed, shape, p,
+    device type).
+
+    16 random bits per element (one int64 word per 4 elements) cost a quarter of ``bernoulli_``'s 64-bit draws, and
+    the comparison is done in float arithmetic, which vectorises where bool tensors do not.
+    """
+    n = math.prod(shape)
+    gen = _generator(device, seed)
+    keep = torch.empty(shape, dtype=torch.float32, device=device)
+    flat = keep.view(-1)
+    words = torch.empty(min(n, _CHUNK) // 4 + 1, dtype=torch.int64, device=device)
+    for i in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - i)
+        w = words[:(m + 3) // 4].random_(-(1 << 63), None, generator=gen)
+        flat[i:i + m].copy_(w.view(torch.int16)[:m])  # uniform integers on [-2¹⁵, 2¹⁵)
+    t = round(p * _LEVELS) - _LEVELS // 2  # dropped iff r < t, so P(dropped) = quantised_p(p)
+    return keep.sub_(t - 1).clamp_(0, 1)  # integer-valued: r - t + 1 >= 1 iff kept, <= 0 iff dropped
+
+
+def dropout(x: Tensor, seed: int, p: float) -> Tensor:
+    """drop(x) = x ⊙ keep / (1 - p), with the mask of ``keep_mask``."""
+    return x * keep_mask(seed, tuple(x.shape), p, x.device) * keep_scale(p)
+
+
+_last_seed: dict = {"ref": None, "version": -1, "p": -1.0, "seed": 0}
+
+
+def dropout_seed(x: Tensor, p: float) -> int:
+    """The seed of x's dropout mask: one draw from torch's global CPU RNG, or, with SHARE_DROPOUT, the seed already
+    given to this very tensor (same object, unmodified) by the previous call."""
+    last = _last_seed
+    if SHARE_DROPOUT and last["ref"] is not None and last["ref"]() is x and last["version"] == x._version \
+            and last["p"] == p:
+        return last["seed"]
+    seed = int(torch.randint(0, 1 << 62, ()))
+    last.update(ref=weakref.ref(x), version=x._version, p=p, seed=seed)
+    return seed
+
+
+class SeededDropout(nn.Dropout):
+    """nn.Dropout whose mask comes from ``dropout_seed``/``keep_mask``: the reference path's dropout, drawing exactly
+    the masks the fused path draws. ``source`` is the tensor the layer received (the seed is keyed on it)."""
+
+    @torch.compiler.disable
+    def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return dropout(x, dropout_seed(x if source is None else source, self.p), self.p)
+
+
+class _SharedInput:
+    """The dropped input (x ⊙ keep, unscaled) and mask of one seed, kept for the adapters that read the same input and
+    released after the last of them.
+
+    The adapter that creates an entry (q, gate) learns from the previous step how many adapters follow it on the same
+    input (k and v, up), so the entry is dropped right after its last reader; kept longer, the entry of the forward's
+    last layer would add a full-size tensor to the peak memory at the start of backward. A wrong count only costs a
+    recomputation: the mask is a function of the seed.
+    """
+
+    def __init__(self) -> None:
+        self.entry: list | None = None  # [key, owner, value, uses, left]
+        self.followers: dict[tuple, int] = {}  # owner -> readers after it, learned
+        self.closed: tuple | None = None  # (key, owner) of the entry last released
+
+    def get(self, key: tuple, owner: tuple, compute):
+        e = self.entry
+        if e is not None and e[0] == key:
+            e[3] += 1
+            e[4] -= 1
+            if e[4] <= 0:
+                self.close()
+            return e[2]
+        self.close()
+        if self.closed is not None and self.closed[0] == key:  # a reader after the entry was released: learn it
+            self.followers[self.closed[1]] = self.followers.get(self.closed[1], 0) + 1
+            self.closed = None
+        value = compute()
+        left = self.followers.get(owner, 1) if SHARE_DROPOUT else 0
+        if left > 0:
+            self.entry = [key, owner, value, 0, left]
+        else:
+            self.closed = (key, owner)
+        return value
+
+    def close(self) -> None:
+        if self.entry is not None:
+            key, owner, _, uses, _ = self.entry
+            self.followers[owner] = uses
+            self.closed, self.entry = (key, owner), None
+
+
+_shared = {"fwd": _SharedInput(), "bwd": _SharedInput()}
+
+
+def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int) -> tuple[Tensor, Tensor | None]:
+    """(x2 ⊙ keep, keep) for ``seed``, shared by the adapters reading x2; forward gets no mask (it needs none)."""
+    _shared["bwd" if phase == "fwd" else "fwd"].close()
+
+    def compute():
+        keep = keep_mask(seed, tuple(x2.shape), p, x2.device)  # (N, in)
+        if phase == "fwd":
+            return keep.mul_(x2), None  # in place: forward needs no mask
+        return x2 * keep, keep
+
+    shape = tuple(x2.shape)  # plain ints: comparing torch.Size is slower
+    return _shared[phase].get((seed, x2.dtype, shape, x2.device), (owner, shape), compute)
+
+
+def clear_cache() -> None:
+    """Release the shared dropped inputs (the next pass releases them anyway)."""
+    for cache in _shared.values():
+        cache.close()
+
+
+# --- DoRA norm --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def row_sq_norms(W0: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """||W0_i||² per output row (out,), accumulated in float64: computed once per W0, which is frozen."""
+    return torch.linalg.vector_norm(W0, dim=1, dtype=torch.float64).square().to(dtype)
+
+
+@torch.no_grad()
+def dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float, w0_sq: Tensor) -> Tensor:
+    """||W0 + s·B·A|| per output row (out,), in A's dtype, detached (DoRA §4.3), without forming the (out, in) matrix.
+
+        ||W0_i + s(BA)_i||² = ||W0_i||² + 2s·(B ⊙ (W0·Aᵀ))_i·1 + s²·((B·(A·Aᵀ)) ⊙ B)_i·1
+
+    Costs one (out, in) x (in, r) product instead of an (out, r) x (r, in) product plus the elementwise norm.
+    """
+    WA = F.linear(W0 if W0.dtype == A.dtype else W0.to(A.dtype), A)  # (out, in) @ (in, r) -> (out, r)
+    M = torch.addmm(WA, B, A @ A.t(), beta=2 * s, alpha=s * s)  # (out, r): 2s·W0·Aᵀ + s²·B·A·Aᵀ
+    return torch.linalg.vecdot(B, M, dim=1).add_(w0_sq).clamp_min_(0).sqrt_()  # (out,)
+
+
+# --- the autograd function ------------------------------------------------------------------------------------
+
+class LoraLinear(torch.autograd.Function):
+    """The LoRA (``magnitude`` None) or DoRA linear layer; ``norm`` is DoRA's detached ||W0 + s·B·A||_row.
+
+    Saves x, the rank-r intermediate A·(x ⊙ keep) (N, r) and, for DoRA, the output (which the next op often
+    saves anyway: v, gate, up); never a dropped copy of x nor a mask. The output must not be modified in place
+    before backward (autograd reports it if it is).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                magnitude: Tensor | None, norm: Tensor | None, s: float, p: float, seed: int,
+                transposed: bool) -> Tensor:
+        W = weight.t() if transposed else weight  # (out, in)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        dora = magnitude is not None
+        out = F.linear(x2, W, None if dora else bias)  # (N, out), base dtype
+        xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+        xd = _dropped(xa, seed, p, "fwd", id(weight))[0] if p else xa
+        h = F.linear(xd, A)  # (N, in) -> (N, r), unscaled: A·x ⊙ keep
+        scale = s * keep_scale(p) if p else s
+        if dora:
+            y = out if out.dtype == A.dtype else out.to(A.dtype)  # (N, out): W0·x + s·B·A·drop(x)
+            y.addmm_(h, B.t(), alpha=scale).mul_(magnitude / norm)
+            out = y if y.dtype == out.dtype else y.to(out.dtype)
+            if bias is not None:  # DoRA rescales the weight, never the bias
+                out.add_(bias)
+        elif out.dtype == A.dtype:
+            out.addmm_(h, B.t(), alpha=scale)  # (N, r) @ (r, out), into the base output
+        else:
+            out.add_(F.linear(h * scale, B).to(out.dtype))  # half base: the reference path's rounding
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        ctx.save_for_backward(x, weight, bias, A, B, h, magnitude, norm, out if dora else None)
+        ctx.s, ctx.p, ctx.seed, ctx.transposed = s, p, seed, transposed
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, bias, A, B, h, magnitude, norm, out = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
+        s, p = ctx.s, ctx.p
+        scale = s * keep_scale(p) if p else s  # s/(1-p): applied to rank-r tensors only
+        W = weight.t() if ctx.transposed else weight  # (out, in)
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
+        if need_b:
+            grad_b = g2.sum(0)
+        ga = g2 if g2.dtype == A.dtype else g2.to(A.dtype)  # (N, out), in the adapter's dtype
+        if magnitude is not None:
+            if need_m:
+                grad_m = _magnitude_grad(ga, out.view(g2.shape), x, W, bias, B, h, scale, magnitude, norm)
+            ga = ga * (magnitude / norm)  # gradient of y = W0·x + s·B·A·drop(x)
+            gw = ga if ga.dtype == W.dtype else ga.to(W.dtype)  # the same, in the base dtype
+        else:
+            gw = g2
+        if need_B:
+            grad_B = (h.t() @ ga).t().mul_(scale)  # (r, N) @ (N, out) -> (out, r): 2x faster than ga.t() @ h
+        if need_A or need_x:
+            gh = (ga @ B).mul_(scale)  # (N, out) @ (out, r) -> (N, r)
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+            xd, keep = _dropped(xa, ctx.seed, p, "bwd", id(weight)) if p else (xa, None)
+            if need_A:
+                grad_A = gh.t() @ xd  # (r, N) @ (N, in) -> (r, in)
+            del xd
+            if need_x:
+                t = gh @ A  # (N, r) @ (r, in) -> (N, in)
+                if keep is not None:
+                    t.mul_(keep)
+                if t.dtype == W.dtype:
+                    grad_x = t.addmm_(gw, W)  # (N, out) @ (out, in), accumulated in place
+                else:
+                    grad_x = (gw @ W).add_(t.to(W.dtype))
+                grad_x = grad_x.view(x.shape)
+        if need_w:
+            grad_w = gw.t() @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in) -> (out, in)
+            grad_w = grad_w.t() if ctx.transposed else grad_w
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None
+
+
+def _magnitude_grad(g: Tensor, out: Tensor, x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, h: Tensor,
+                    scale: float, magnitude: Tensor, norm: Tensor) -> Tensor:
+    """∂L/∂m = Σ_n g ⊙ y / ||W||, with y / ||W|| = (out - b) / m read off the saved output.
+
+    Rows with m = 0 were scaled to zero, so their y is recomputed (a (N, k) slice of the forward).
+    """
+    y = out if bias is None else out - bias  # (N, out): (m / ||W||) ⊙ y
+    grad = torch.linalg.vecdot(g, y if y.dtype == g.dtype else y.to(g.dtype), dim=0).div_(magnitude)  # (out,)
+    zero = magnitude == 0
+    if zero.any():
+        rows = zero.nonzero().squeeze(1)
+        x2 = x.reshape(-1, x.shape[-1])
+        y_rows = F.linear(x2, W[rows]).to(h.dtype).addmm_(h, B[rows].t(), alpha=scale)  # (N, k)
+        grad[rows] = torch.linalg.vecdot(g[:, rows], y_rows, dim=0) / norm[rows]
+    return grad
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s: float, p: float,
+                transposed: bool = False, magnitude: Tensor | None = None, w0_sq: Tensor | None = None) -> Tensor:
+    """The fused LoRA/DoRA linear layer (see the module docstring); p is the dropout in effect (0 in eval mode).
+
+    x (..., in), weight (out, in) or (in, out) when ``transposed`` (Conv1D), A (r, in), B (out, r), magnitude (out,);
+    DoRA needs ``w0_sq`` = ``row_sq_norms(W0, A.dtype)``. Not traceable by torch.compile: call it from a
+    ``torch.compiler.disable``d function (as ``LoraLayer`` does).
+    """
+    seed = dropout_seed(x, p) if p > 0 else 0
+    norm = None
+    if magnitude is not None:
+        norm = dora_norm(weight.t() if transposed else weight, A, B, s, w0_sq)  # (out,)
+    return LoraLinear.apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed)
