@@ -4,6 +4,7 @@
     lorafit plan --model DIR [--config lora.yaml]                                  what a config adapts and costs
     lorafit merge --model DIR --adapter DIR --output DIR                           write a merged checkpoint
     lorafit inspect ADAPTER_DIR                                                    what an adapter holds
+    lorafit suggest | probe | sweep                                                how to configure LoRA
 
 Exit codes: 0 success, 2 bad usage or input (nothing written), 1 runtime failure.
 """
@@ -82,6 +83,21 @@ TRAIN_SWITCHES = {
 }
 
 
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2 floats, so that 1e-3 is a number and not the string "1e-3"."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return Loader
+
+
 def read_yaml(path: str) -> dict:
     import yaml
 
@@ -89,7 +105,7 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -233,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an adapter's config, ranks, sizes and which layers moved most")
     p.add_argument("adapter", help="adapter folder (lorafit or PEFT)")
     p.set_defaults(func=cmd_inspect)
+
+    from .cli_guidance import add_guidance_parsers
+    add_guidance_parsers(sub)  # suggest, probe, sweep
     return parser
 
 

@@ -1,0 +1,287 @@
+"""The guidance commands: `lorafit suggest`, `lorafit probe` and `lorafit sweep` (a thin layer over
+lorafit.suggest, lorafit.probe and lorafit.sweep).
+
+    lorafit suggest --model DIR [--complexity simple|complex] [--memory-budget 8GB] [--param-budget N]
+                    [--goal quality|efficiency] [--output cfg.yaml]
+    lorafit probe   [--model DIR --data FILE] [--budget PARAMS] [--batches 4] [--output DIR]
+    lorafit sweep   [--model DIR --data FILE] --grid "r=4,8;targets=qv,all-linear" [--include-suggested]
+                    [--include-probed [probe.yaml]] [--steps 30] [--output DIR]
+
+Without --model and --data, probe and sweep use the embedded demo (SmolLM2-135M-Instruct, movie-review sentiment)
+with the demo's settings. Every YAML written here is taken by ``lorafit train --config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+# --- shared helpers --------------------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _write_yaml(path: Path, data: dict, header: str = "") -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+
+
+def _base_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig fields for probe / sweep runs: the demo job's when neither --model nor --data is given, then the
+    --config YAML, then flags."""
+    from .cli import read_yaml
+    from .tasks import DEFAULT_JOB
+
+    yaml_cfg = read_yaml(args.config) if getattr(args, "config", None) else {}
+    yaml_cfg.pop("lora", None)
+    settings: dict = {}
+    demo = args.model is None and args.data is None and "model" not in yaml_cfg and "data" not in yaml_cfg
+    if demo:
+        settings.update({k: v for k, v in DEFAULT_JOB.items() if k != "lora"})
+    settings.update(yaml_cfg)
+    settings["save_every"] = 0  # sweep points are short; a finished point is the unit of resumption
+    for key in ("model", "data", "steps", "batch_size", "lr", "max_length", "eval_max", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def _load(settings: dict):
+    """(model, tokenizer, task, model_dir, TrainConfig) for the settings, loaded as ``lorafit train`` loads them."""
+    from .train import TrainConfig, load_model, load_task, resolve_model_dir
+
+    cfg = TrainConfig.from_dict(dict(settings))
+    task = load_task(cfg)
+    model_dir = resolve_model_dir(cfg)
+    model, tok = load_model(model_dir, cfg.dtype)
+    return model, tok, task, model_dir, cfg
+
+
+# --- suggest ---------------------------------------------------------------------------------------------
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from .plan import current_rss
+    from .suggest import load_meta_model, suggest
+
+    model_dir = args.model
+    if model_dir is None:
+        from .assets import smollm2
+        model_dir = smollm2()
+    model = load_meta_model(model_dir)
+    s = suggest(model, args.complexity, args.memory_budget, args.param_budget, args.goal, args.batch_size,
+                args.max_length, runtime=current_rss())
+    cfg = s.config
+    print(f"suggested LoRA config for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha:g} "
+          f"target_modules={cfg.target_modules!r}" + (" use_dora=true" if cfg.use_dora else "")
+          + f"  ({s.trainable:,} adapter parameters)")
+    for line in s.reasons:
+        print(f"  - {line}")
+    if args.output:
+        data = {"model": str(model_dir), **s.to_yaml_dict()}
+        _write_yaml(Path(args.output), data, "# lorafit suggest: train with `lorafit train --config THIS --data ...`\n")
+        print(f"config written to {args.output} (lorafit train --config {args.output} --data FILE)")
+    return 0 if s.fits else 1
+
+
+# --- probe -----------------------------------------------------------------------------------------------
+
+def probe_batches(task, tok, cfg, n_batches: int) -> list[dict]:
+    """The first ``n_batches`` batches of a seeded shuffle of the training split, tokenized as train does."""
+    import random
+
+    from .data import collate, tokenize
+
+    order = list(range(len(task.train)))
+    random.Random(cfg.seed).shuffle(order)
+    need = n_batches * cfg.batch_size
+    if len(order) < cfg.batch_size:
+        raise ConfigError(f"the training split has {len(order)} examples, fewer than one batch of {cfg.batch_size}")
+    picked = [task.train[i] for i in (order * (need // len(order) + 1))[:need]]
+    return [collate([tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in picked[i:i + cfg.batch_size]],
+                    tok.pad_token_id) for i in range(0, need, cfg.batch_size)]
+
+
+def run_probe(settings: dict, batches: int = 4, budget=None, energy: float = 0.9, candidates="all-linear",
+              sketch=None, max_rank: int = 64, curvature: bool = True, say=print):
+    """Load the model and data of ``settings`` and probe them; returns (ProbeResult, model_dir)."""
+    from .probe import probe
+    from .suggest import parse_count
+
+    model, tok, task, model_dir, cfg = _load(settings)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data = probe_batches(task, tok, cfg, batches)
+    say(f"probing {model_dir}: {batches} batches of {cfg.batch_size} examples, candidates {candidates!r}")
+    t0 = time.time()
+    result = probe(model, data, candidates, energy, parse_count(budget), sketch, max_rank,
+                   logits_fn="default" if curvature else None, seed=cfg.seed)
+    say(f"probed in {time.time() - t0:.1f} s")
+    return result, model_dir
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import plot_spectra, probe_summary, probe_table
+    from .suggest import lora_yaml
+
+    settings = _base_settings(args)
+    result, model_dir = run_probe(settings, args.batches, args.budget, args.energy, args.candidates, args.sketch,
+                                  args.max_rank, not args.no_curvature)
+    out = Path(args.output or Path("runs") / time.strftime("probe-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(probe_table(result, top=args.top))
+    train_yaml = {k: settings[k] for k in ("model", "data") if settings.get(k) is not None}
+    _write_yaml(out / "probe.yaml", {**train_yaml, "lora": lora_yaml(result.config)},
+                f"# lorafit probe: complexity score {result.score:.1f} ({result.complexity}), "
+                f"{result.trainable:,} adapter parameters\n"
+                f"# train with `lorafit train --config {out / 'probe.yaml'}`\n")
+    (out / "probe.json").write_text(json.dumps(probe_summary(result), indent=1))
+    plot_spectra(result, out / "spectra.png")
+    print(f"\nwrote {out / 'probe.yaml'} (lorafit train --config), {out / 'probe.json'} and {out / 'spectra.png'}")
+    return 0
+
+
+# --- sweep -----------------------------------------------------------------------------------------------
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .cli import read_yaml
+    from .config import LoraConfig
+    from .suggest import load_meta_model, suggest
+    from .sweep import parse_grid, point_config, point_name, sweep
+    from .train import TrainConfig, resolve_model_dir
+
+    settings = _base_settings(args)
+    grid = parse_grid(args.grid) if args.grid else []
+    if not grid and not args.include_suggested and args.include_probed is None:
+        raise ConfigError("nothing to sweep: give --grid (e.g. 'r=4,8;targets=qv,all-linear') and/or "
+                          "--include-suggested / --include-probed")
+    out = Path(args.output or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
+    model_dir = resolve_model_dir(TrainConfig.from_dict(dict(settings)))
+    meta = load_meta_model(model_dir)
+    points: dict[str, LoraConfig] = {point_name(p): point_config(meta, p) for p in grid}
+    marked: dict[str, str] = {}
+    complexity = args.complexity
+    if args.include_probed is not None:
+        probed_file = out / "probed.yaml" if args.include_probed == "" else Path(args.include_probed)
+        if args.include_probed == "" and not probed_file.is_file():  # probe now; the file makes resumption stable
+            result, _ = run_probe(settings, budget=args.budget)
+            out.mkdir(parents=True, exist_ok=True)
+            from .suggest import lora_yaml
+            _write_yaml(probed_file, {"lora": lora_yaml(result.config), "complexity": result.complexity})
+        probed = read_yaml(str(probed_file))
+        if not isinstance(probed.get("lora"), dict):
+            raise ConfigError(f"{probed_file} has no 'lora:' section; pass a YAML written by lorafit probe")
+        points["probed"] = LoraConfig.from_dict(probed["lora"])
+        marked["probed"] = "probed"
+        report = probed_file.with_name("probe.json")  # lorafit probe writes the complexity there
+        if complexity is None and report.is_file():
+            complexity = json.loads(report.read_text()).get("complexity")
+        complexity = complexity or probed.get("complexity")
+    if args.include_suggested:
+        s = suggest(meta, complexity, None, args.budget, "quality", settings.get("batch_size", 8),
+                    settings.get("max_length", 256), runtime=0)
+        points["suggested"] = s.config
+        marked["suggested"] = "suggested"
+        print("suggested: " + "; ".join(s.reasons[:3]))
+    rows = sweep(points, settings, out, marked, quiet=not args.verbose)
+    from .sweep import results_markdown
+    print(results_markdown(rows))
+    print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'pareto.png'}")
+    return 0
+
+
+# --- parsers ---------------------------------------------------------------------------------------------
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local transformers causal-LM folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="JSONL or CSV with {text} or {prompt, completion} (default: the embedded "
+                   "sentiment task)")
+    p.add_argument("--config", help="YAML of training settings as for train; its 'lora:' section is ignored "
+                   "(default: none)")
+    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, help="examples per batch (default: 8)")
+    p.add_argument("--max-length", dest="max_length", type=_positive_int, help="tokens per example "
+                   "(default: 256; the demo: 96)")
+    p.add_argument("--seed", type=int, help="seed for data order and split (default: 0)")
+
+
+def add_guidance_parsers(sub) -> None:
+    """Add the suggest, probe and sweep subcommands to an argparse subparsers object."""
+    from .cli import target_modules_arg  # here, not at import time: cli.py calls this function
+
+    p = sub.add_parser("suggest", help="suggest a LoRA config from the rules of thumb, checked against a memory "
+                       "and parameter budget",
+                       description="Suggest a LoRA configuration (rank, alpha, targets, variant) with one line of "
+                                   "reasoning per choice. Exit code 1 when nothing fits the budget.")
+    p.add_argument("--model", help="local transformers model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--complexity", choices=["simple", "complex"], help="task complexity (default: unknown, "
+                   "treated as simple; `lorafit probe` measures it)")
+    p.add_argument("--memory-budget", help="peak training memory allowed, e.g. 8GB or 512MB (default: none)")
+    p.add_argument("--param-budget", help="most adapter parameters, e.g. 2M or 500k (default: none)")
+    p.add_argument("--goal", choices=["quality", "efficiency"], default="quality", help="what matters more "
+                   "(default: quality)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="training batch for the memory check "
+                   "(default: 8)")
+    p.add_argument("--max-length", type=_positive_int, default=256, help="tokens per example for the memory check "
+                   "(default: 256)")
+    p.add_argument("--output", help="write the config as YAML for `lorafit train --config` (default: print only)")
+    p.set_defaults(func=cmd_suggest)
+
+    p = sub.add_parser("probe", help="measure per-module gradient spectra on the data and allocate ranks "
+                       "(rank_pattern) under a parameter budget",
+                       description="Accumulate each candidate module's full fine-tuning gradient over a few "
+                                   "batches, derive its effective rank and allocate LoRA ranks greedily by "
+                                   "predicted loss decrease per parameter. Writes probe.yaml (for lorafit train "
+                                   "--config), probe.json and spectra.png.")
+    _add_run_flags(p)
+    p.add_argument("--budget", help="most adapter parameters, e.g. 500k (default: none; stop at --energy)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="batches to accumulate (default: 4)")
+    p.add_argument("--energy", type=float, default=0.9, help="share of the spectral energy / predicted gain to "
+                   "cover (default: 0.9)")
+    p.add_argument("--candidates", type=target_modules_arg, default="all-linear", help="candidate modules: "
+                   "all-linear, comma-separated names or a regex (default: all-linear)")
+    p.add_argument("--sketch", type=_positive_int, help="keep a randomised rank-K sketch of each gradient instead "
+                   "of the full matrix, O((in+out)K) memory (default: exact)")
+    p.add_argument("--max-rank", type=_positive_int, default=64, help="highest rank given to one module "
+                   "(default: 64)")
+    p.add_argument("--no-curvature", action="store_true", help="rank by raw gradient energy instead of the "
+                   "Fisher-scaled gain (default: off)")
+    p.add_argument("--top", type=_positive_int, default=25, help="table rows to print (default: 25)")
+    p.add_argument("--output", help="folder for probe.yaml, probe.json, spectra.png "
+                   "(default: runs/probe-<timestamp>)")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("sweep", help="train a grid of LoRA configs for the same steps; table and Pareto plot",
+                       description="Train every grid point (plus the suggested and probed configs) for the same "
+                                   "number of steps and compare eval loss against trainable parameters. Resumable: "
+                                   "rerun with the same --output and finished points are read back.")
+    _add_run_flags(p)
+    p.add_argument("--grid", help="e.g. 'r=4,8,16;targets=qv,all-linear;variant=lora,dora' (keys r, targets, "
+                   "variant, alpha; default: none)")
+    p.add_argument("--include-suggested", action="store_true", help="add `lorafit suggest`'s config "
+                   "(default: off)")
+    p.add_argument("--include-probed", nargs="?", const="", metavar="PROBE_YAML", help="add the probed config: "
+                   "from a probe.yaml, or probe now when no file is given (default: off)")
+    p.add_argument("--complexity", choices=["simple", "complex"], help="task complexity for the suggestion "
+                   "(default: the probe's, else simple)")
+    p.add_argument("--budget", help="adapter parameter budget for the probed and suggested points (default: none)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps per point (default: 100; the demo: 60)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3; the demo: 2e-3)")
+    p.add_argument("--eval-max", dest="eval_max", type=_positive_int, help="at most this many eval examples "
+                   "(default: 500; the demo: 200)")
+    p.add_argument("--verbose", action="store_true", help="show each run's progress (default: log lines only)")
+    p.add_argument("--output", help="sweep folder; rerun with it to resume (default: runs/sweep-<timestamp>)")
+    p.set_defaults(func=cmd_sweep)
