@@ -28,14 +28,14 @@ def setup(tmp_path_factory):
     return make_model_dir(root / "model"), make_data(root / "data.jsonl", n=80), root
 
 
-def torchrun(*args, nproc=2, timeout=300, **kw):
+def torchrun(*args, nproc=2, timeout=900, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "lorafit", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
-def single(*args, timeout=300):
+def single(*args, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "lorafit", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -114,7 +114,7 @@ def test_a_dead_rank_fails_the_job_and_resume_completes(setup):
     assert proc.returncode != 0
     assert "fail" in err.lower() or "error" in err.lower()
     assert not (out / "trainer_state.json").exists()
-    r = torchrun("train", "--resume", out, "--quiet", timeout=300)
+    r = torchrun("train", "--resume", out, "--quiet", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "trainer_state.json").read_text())["finished"]
 

@@ -77,7 +77,13 @@ def read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill or a full disk: its step is redone on resume
+    return records
 
 
 def write_text_atomic(path: Path, text: str) -> None:

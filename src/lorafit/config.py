@@ -87,7 +87,8 @@ class LoraConfig:
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "expected true or false")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in INIT_CHOICES):
+        # not ``init in INIT_CHOICES`` alone: 0 == False and 1 == True would let 0 through, and 0 initialises as True
+        if not (isinstance(init, bool) or (isinstance(init, str) and init in INIT_CHOICES)):
             _fail("init_lora_weights", init, "allowed values are True, False, 'gaussian', 'pissa', 'olora'")
 
     def _check_layers(self) -> None:
@@ -155,16 +156,20 @@ class LoraConfig:
     @classmethod
     def from_json(cls, path_or_text: Union[str, Path], strict: bool = False) -> "LoraConfig":
         """Read a JSON file (e.g. a PEFT adapter_config.json) or a JSON string."""
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
+        text, where = str(path_or_text), "config"
+        if not text.lstrip().startswith(("{", "[")):  # "[": JSON text of the wrong type, not a file name
             p = Path(path_or_text)
             if not p.is_file():
                 raise ConfigError(f"config file {p} does not exist")
-            text = p.read_text()
+            where = f"config file {p}"
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where} is not UTF-8 text ({e})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON ({e}); fix or regenerate it") from None
+            raise ConfigError(f"{where} is not valid JSON ({e}); fix or regenerate it") from None
         return cls.from_dict(data, strict=strict)
 
 

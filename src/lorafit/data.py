@@ -25,6 +25,14 @@ def _check(example: object, where: str) -> dict:
     if not isinstance(example, dict):
         raise DataError(f"{where}: expected a JSON object with \"text\" or \"prompt\" and \"completion\", "
                         f"got {type(example).__name__}")
+    for key in ("text", "prompt", "completion"):
+        value = example.get(key)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON allows "\ud800"; tokenizers then fail with a TypeError
+                raise DataError(f"{where}: field \"{key}\" holds an unpaired surrogate "
+                                f"({value[e.start]!r}), which is not text; fix the escape") from None
     if "prompt" in example or "completion" in example:
         for key in ("prompt", "completion"):
             if not isinstance(example.get(key), str):
@@ -43,13 +51,18 @@ def read_examples(path: str | Path) -> list[dict]:
     """Read a .jsonl/.json-lines or .csv file into checked examples, all of one format."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"data file {path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(text.splitlines())
+        try:
+            rows = list(reader)
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit() (131,072 characters)
+            raise DataError(f"{path}, line {reader.line_num + 1}: not readable as CSV ({e}); shorten the field or "
+                            "use JSONL") from None
         examples = [_check({k: v for k, v in row.items() if k is not None}, f"{path}, row {i + 2}")
                     for i, row in enumerate(rows)]
     else:
@@ -62,6 +75,9 @@ def read_examples(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one JSON object") \
                     from None
+            except RecursionError:
+                raise DataError(f"{path}, line {i}: JSON nested too deeply; each line must be one flat JSON "
+                                "object") from None
             examples.append(_check(obj, f"{path}, line {i}"))
     if not examples:
         raise DataError(f"data file {path} holds no examples")
@@ -86,6 +102,9 @@ def split(examples: list, eval_fraction: float, seed: int, eval_max: int | None 
 def tokenize(example: dict, tokenizer, max_length: int, add_eos: bool = True) -> dict:
     """input_ids and labels (IGNORE on the prompt) for one example, truncated to max_length from the left of the
     prompt so that the completion survives; ``add_eos`` appends the end-of-sequence token to the completion."""
+    if max_length < 2:
+        raise DataError(f"max_length={max_length!r} is too short: an example needs at least 2 tokens, one to read "
+                        "and one to predict")
     if "text" in example:
         ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"][:max_length]
         return {"input_ids": ids, "labels": list(ids)}

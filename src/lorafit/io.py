@@ -16,8 +16,11 @@ This is the only module that speaks PEFT's key names; in memory the names stay a
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError, LoraConfig
 from .model import adapter_layers, adapter_parameter_names, attach, state_of
-from .targets import select_targets
+from .targets import modules_to_save, select_targets
 from .layers import adapter_shapes, magnitude_shape
 
 PREFIX = "base_model.model."
@@ -96,9 +99,26 @@ def adapter_config_dict(model: nn.Module) -> dict:
     return d
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # not Linux/glibc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _atomic_dir(path: Path, write) -> None:
     """Write a folder via ``write(tmpdir)`` into a temp folder beside ``path``, then swap it in by rename, so a
-    crash leaves either the old folder or the new one at ``path``, never a half-written one."""
+    crash leaves either the old folder or the new one at ``path``, never a half-written one (and, where the
+    system can exchange two paths atomically, never no folder). An OSError (a full disk) names ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -109,15 +129,41 @@ def _atomic_dir(path: Path, write) -> None:
         if path.exists():
             if not path.is_dir():
                 raise AdapterError(f"{path} exists and is not a folder; choose another output path")
+            if _exchange(tmp, path):  # path now holds the new folder and tmp the old one
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "x")
-            os.rename(tmp, path)
+            os.rename(path, old / "x")  # between these two renames a crash leaves the old folder in ``old``
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old / "x", path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
+    except WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, path) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What writers raise when a write fails (a full disk: OSError from Python, SafetensorError from safetensors,
+# RuntimeError "[enforce fail at inline_container.cc...] unexpected pos" from torch.save).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def _write_error(e: Exception, path: Path) -> OSError:
+    """An OSError for a failed write that names the target and says that it was left as it was."""
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):  # safetensors: "... (os error 28)"
+        code = int(m.group(1))
+    reason = getattr(e, "strerror", None) or str(e).strip()
+    hint = "" if code else " (is the disk full?)"
+    msg = f"could not write {path}: {reason}{hint}; what was there before is unchanged"
+    return OSError(code, msg) if code else OSError(msg)
 
 
 def save(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -140,12 +186,15 @@ def write_adapter(model: nn.Module, folder: Union[str, Path], tensors: dict[str,
     folder = Path(folder)
     tensors = adapter_state_dict(model) if tensors is None else tensors
     config = adapter_config_dict(model)
-    tmp = folder / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    tmp = folder / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, folder / CONFIG_NAME)
+    for name, write in ((WEIGHTS_NAME, lambda f: save_file(tensors, str(f), metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda f: f.write_text(json.dumps(config, indent=2, sort_keys=True)))):
+        tmp = folder / f".{name}.tmp"
+        try:
+            write(tmp)
+            os.replace(tmp, folder / name)
+        except WRITE_ERRORS as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(e, folder / name) from e
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -202,6 +251,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
         owner, _, leaf = pname.rpartition(".")
         key = _lora_keys(owner, target_names[owner].kind)[leaf] if owner in target_names else PREFIX + pname
         shapes[key], existing[key] = tuple(p.shape), pname
+    for name in modules_to_save(model, config):  # trained in full: a file without them would load untrained copies
+        required |= {f"{PREFIX}{name}.{pname}" for pname, _ in model.get_submodule(name).named_parameters()}
     return shapes, required, existing
 
 

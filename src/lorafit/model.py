@@ -81,18 +81,29 @@ def attach(model: nn.Module, config: LoraConfig, *, init: bool = True) -> nn.Mod
     targets = select_targets(model, config, strict=init)  # all validation happens before the model is touched
     saved = modules_to_save(model, config)
     state = AttachState(config, targets, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    if init and config.init_lora_weights in ("pissa", "olora"):  # these rewrite W0 in place, layer by layer
+        for t in targets:
+            if not torch.isfinite(model.get_submodule(t.name).weight).all():
+                raise ConfigError(f"init_lora_weights={config.init_lora_weights!r}: {t.name}.weight contains NaN or "
+                                  "inf values; a weight-based init needs a finite base model")
 
+    # Allocate everything first (a huge rank fails here), so that a failure leaves the model as it was.
+    layers = []
     for t in targets:
-        base = model.get_submodule(t.name)
-        layer = LoraLayer(base, t.kind, t.r, t.alpha, t.scaling, config.lora_dropout, config.use_dora)
+        try:
+            layers.append(LoraLayer(model.get_submodule(t.name), t.kind, t.r, t.alpha, t.scaling,
+                                    config.lora_dropout, config.use_dora))
+        except (RuntimeError, MemoryError) as e:
+            raise RuntimeError(f"cannot allocate the adapter of {t.name!r} (r={t.r}): {str(e).splitlines()[0]}; "
+                               "the model is unchanged") from None
+    copies = {name: copy.deepcopy(model.get_submodule(name)) for name in saved}  # as PEFT: originals stay frozen
+    for t, layer in zip(targets, layers):
         if init:
             layer.reset_adapter(config.init_lora_weights)
-        layer.train(base.training)
+        layer.train(layer.base.training)
         _set_module(model, t.name, layer)
-    for name in saved:
-        original = model.get_submodule(name)
-        trainable = copy.deepcopy(original)  # a separate copy, as PEFT: training never touches the original
-        state.saved[name] = original.requires_grad_(False)
+    for name, trainable in copies.items():
+        state.saved[name] = model.get_submodule(name).requires_grad_(False)
         _set_module(model, name, trainable)
     model.lorafit_state = state
 

@@ -154,6 +154,9 @@ def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> li
                               "layer) in the model")
     elif isinstance(spec, str):
         matched = [(n, m) for n, m in candidates if re.fullmatch(spec, n)]
+        if not matched and any(re.fullmatch(spec, n) for n in all_names):
+            raise ConfigError(f"target_modules regex {spec!r} matches no module once exclude_modules/"
+                              "modules_to_save are applied")
         if not matched:
             raise ConfigError(f"target_modules regex {spec!r} matches no module name (it must match the full "
                               f"name, e.g. r'.*\\.q_proj'); some module names: {_similar(spec, all_names)}")

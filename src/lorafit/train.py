@@ -82,7 +82,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name}={v!r} is invalid: expected an integer >= 0")
-        if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
+        if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or not self.epochs > 0):
             raise ConfigError(f"epochs={self.epochs!r} is invalid: expected a positive number")
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 1:
             raise ConfigError(f"lr={self.lr!r} is invalid: expected a number in (0, 1), e.g. 1e-3")
@@ -95,8 +95,25 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
         for name in ("weight_decay", "max_grad_norm"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a number >= 0")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name}={v!r} is invalid: expected a finite number >= 0")
+        for name in ("model", "data", "output"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a path")
+        if self.eval_max is not None and (isinstance(self.eval_max, bool) or not isinstance(self.eval_max, int)
+                                          or self.eval_max < 1):
+            raise ConfigError(f"eval_max={self.eval_max!r} is invalid: expected a positive integer or null")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not math.isfinite(self.epochs)):
+            raise ConfigError(f"epochs={self.epochs!r} is invalid: expected a positive number")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
+                or not math.isfinite(self.dist_timeout) or self.dist_timeout <= 0:
+            raise ConfigError(f"dist_timeout={self.dist_timeout!r} is invalid: expected a positive number of seconds")
+        for name in ("gradient_checkpointing", "add_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length!r} is invalid: an example needs at least 2 tokens")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora"}
@@ -308,6 +325,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     from .targets import select_targets
     select_targets(model, cfg.lora)  # a config that does not fit the model fails here, before any file is written
     train_set = [tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in task.train]
+    if not any(lab != IGNORE for ex in train_set for lab in ex["labels"][1:]):
+        raise DataError(f"no training example of {cfg.data or 'the task'} has a token to predict (each needs at "
+                        "least 2 tokens, or a non-empty completion); add longer examples")
     global_batch = cfg.batch_size * d.world
     if len(train_set) < global_batch:
         raise DataError(f"the training split has {len(train_set)} examples, fewer than one global batch "
@@ -385,6 +405,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
         (total,) = D.all_sum([local_loss], d)
         total /= max(n_tokens, 1.0)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            kept_msg = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+            raise TrainingError(f"gradients became non-finite at step {step}; stopping before the update "
+                                f"({kept_msg}). Lower --lr, use float32, or check the data")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
