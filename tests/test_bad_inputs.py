@@ -417,7 +417,7 @@ FLAG_CASES = [  # (id, argv from the paths, text the message must contain)
     ("weight-decay-negative", _train("--weight-decay", "-1"), "weight_decay=-1.0 is invalid"),
     ("target-modules-empty-list", _train("--target-modules", ","), "LoraConfig.target_modules=[]"),
     ("batch-larger-than-data", _train("--batch-size", "1000"), "fewer than one global batch (1000"),
-    ("max-length-one", _train("--max-length", "1"), "max_length=1 is too short"),
+    ("max-length-one", _train("--max-length", "1"), "max_length=1 is invalid"),
     ("resume-with-a-flag", lambda f: ["train", "--resume", f.run, "--rank", "4"], "drop --rank"),
     ("resume-not-a-run-folder", lambda f: ["train", "--resume", f.tmp], "no config.yaml there"),
     ("config-file-missing", lambda f: ["train", "--config", f.tmp / "none.yaml"], "none.yaml does not exist"),
