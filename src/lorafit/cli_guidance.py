@@ -18,19 +18,10 @@ import json
 import time
 from pathlib import Path
 
+from .cli import _positive_int
 from .config import ConfigError
 
 # --- shared helpers --------------------------------------------------------------------------------------
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
 
 
 def _write_yaml(path: Path, data: dict, header: str = "") -> None:
