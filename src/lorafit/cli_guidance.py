@@ -24,6 +24,16 @@ from .config import ConfigError
 # --- shared helpers --------------------------------------------------------------------------------------
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
 def _write_yaml(path: Path, data: dict, header: str = "") -> None:
     import yaml
 
@@ -108,7 +118,7 @@ def probe_batches(task, tok, cfg, n_batches: int) -> list[dict]:
 
 
 def run_probe(settings: dict, batches: int = 4, budget=None, energy: float = 0.9, candidates="all-linear",
-              sketch=None, max_rank: int = 64, curvature: bool = True, say=print):
+              sketch=None, max_rank: int = 64, curvature: bool = True, newton: int = 0, say=print):
     """Load the model and data of ``settings`` and probe them; returns (ProbeResult, model_dir)."""
     from .probe import probe
     from .suggest import parse_count
@@ -120,7 +130,7 @@ def run_probe(settings: dict, batches: int = 4, budget=None, energy: float = 0.9
     say(f"probing {model_dir}: {batches} batches of {cfg.batch_size} examples, candidates {candidates!r}")
     t0 = time.time()
     result = probe(model, data, candidates, energy, parse_count(budget), sketch, max_rank,
-                   logits_fn="default" if curvature else None, seed=cfg.seed)
+                   logits_fn="default" if curvature else None, seed=cfg.seed, newton=newton)
     say(f"probed in {time.time() - t0:.1f} s")
     return result, model_dir
 
@@ -131,7 +141,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     settings = _base_settings(args)
     result, model_dir = run_probe(settings, args.batches, args.budget, args.energy, args.candidates, args.sketch,
-                                  args.max_rank, not args.no_curvature)
+                                  args.max_rank, not args.no_curvature, args.newton)
     out = Path(args.output or Path("runs") / time.strftime("probe-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     print(probe_table(result, top=args.top))
@@ -250,6 +260,10 @@ def add_guidance_parsers(sub) -> None:
                    "(default: 64)")
     p.add_argument("--no-curvature", action="store_true", help="rank by raw gradient energy instead of the "
                    "Fisher-scaled gain (default: off)")
+    p.add_argument("--newton", type=_non_negative_int, default=0, metavar="STEPS", help="rank the joint "
+                   "Gauss-Newton step of all candidates instead of each one's gradient, solved by STEPS "
+                   "conjugate-gradient steps (each about three passes over the batches; 40-80 typical): separates "
+                   "modules whose gradients overlap (v/o projections, residual-stream writers). 0 = off (default: 0)")
     p.add_argument("--top", type=_positive_int, default=25, help="table rows to print (default: 25)")
     p.add_argument("--output", help="folder for probe.yaml, probe.json, spectra.png "
                    "(default: runs/probe-<timestamp>)")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import heapq
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, LoraConfig
+from .gauss_newton import newton_step, output_grads, recorded_calls
 from .layers import in_out_features
 from .targets import select_targets
 
@@ -157,34 +157,6 @@ class SketchedGradient:
         return torch.linalg.svdvals(core).float(), total
 
 
-@contextmanager
-def _recorded_calls(model: nn.Module, names: list[str]):
-    """Record (name, input X, output Y) of every call of the named modules; Y is made a graph leaf when nothing
-    upstream requires grad, so ``autograd.grad`` can return dY for it without any parameter gradient."""
-    calls: list = []
-    handles = []
-    for name in names:
-        def hook(mod, inputs, out, name=name):
-            if not out.requires_grad:
-                out.requires_grad_()
-            calls.append((name, inputs[0].detach(), out))
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        yield calls
-    finally:
-        calls.clear()
-        for h in handles:
-            h.remove()
-
-
-def _output_grads(loss: Tensor, calls: list):
-    """(name, X (N, in), dY (N, out)) for every recorded call that the loss depends on."""
-    grads = torch.autograd.grad(loss, [c[2] for c in calls], allow_unused=True)
-    for (name, x, _), g in zip(calls, grads):
-        if g is not None:
-            yield name, x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
-
-
 def sampled_label_loss(logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """Σ_t -log p(y_t) with y_t drawn from the model's own softmax: its per-token gradients are samples whose
     second moment is the Fisher information (= the Gauss-Newton curvature of cross-entropy and KL losses)."""
@@ -194,11 +166,10 @@ def sampled_label_loss(logits: Tensor, generator: Optional[torch.Generator] = No
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
 
 
-def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str],
-                     loss_fn: Callable[[nn.Module, dict], Tensor], sketch: Optional[int] = None, seed: int = 0,
-                     logits_fn: Optional[Callable[[nn.Module, dict], Tensor]] = None) -> dict[str, dict]:
-    """name -> {"s": singular values of G, "energy": ||G||²_F, "fisher": λ} for each module in ``names``.
-
+def accumulate_gradients(model: nn.Module, batches: Iterable[dict], names: list[str],
+                         loss_fn: Callable[[nn.Module, dict], Tensor], sketch: Optional[int] = None, seed: int = 0,
+                         logits_fn: Optional[Callable[[nn.Module, dict], Tensor]] = None) -> tuple[dict, dict]:
+    """({name: ExactGradient | SketchedGradient}, {name: λ}): G = Σ dYᵀ·X per module over ``batches``, and
     λ = tr(F_m) / (in·out), the mean eigenvalue of the module's Fisher information, from per-token gradients
     dy_t·x_tᵀ under labels sampled from the model (||dy_t x_tᵀ||² = ||dy_t||²·||x_t||²); 1.0 when ``logits_fn``
     (model, batch) -> (N, V) logits is None. The model is left unchanged: no requires_grad flag or .grad is touched.
@@ -212,27 +183,54 @@ def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str]
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deterministic model
     try:
-        with torch.enable_grad(), _recorded_calls(model, names) as calls:
+        with torch.enable_grad(), recorded_calls(model, names) as calls:
             for batch in batches:
                 calls.clear()
-                for name, x, dy in _output_grads(loss_fn(model, batch), calls):
+                for name, x, dy in output_grads(loss_fn(model, batch), calls):
                     accs[name].add(x, dy)  # G += dYᵀ·X
                 if logits_fn is None:
                     continue
                 calls.clear()
                 logits = logits_fn(model, batch)  # (N, V)
                 tokens += logits.shape[0]
-                for name, x, dy in _output_grads(sampled_label_loss(logits, gen), calls):
+                for name, x, dy in output_grads(sampled_label_loss(logits, gen), calls):
                     fisher[name] += float(((dy.double() ** 2).sum(1) * (x.double() ** 2).sum(1)).sum())
     finally:
         model.train(was_training)
+    lam = {n: fisher[n] / (max(tokens, 1) * a.n_in * a.n_out) if logits_fn is not None else 1.0
+           for n, a in accs.items()}
+    return accs, lam
+
+
+def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str],
+                     loss_fn: Callable[[nn.Module, dict], Tensor], sketch: Optional[int] = None, seed: int = 0,
+                     logits_fn: Optional[Callable[[nn.Module, dict], Tensor]] = None) -> dict[str, dict]:
+    """name -> {"s": singular values of G, "energy": ||G||²_F, "fisher": λ} for each module in ``names`` (see
+    ``accumulate_gradients``)."""
+    accs, lam = accumulate_gradients(model, batches, names, loss_fn, sketch, seed, logits_fn)
     out = {}
     for name, acc in accs.items():
         s, energy = acc.spectrum()
-        n_el = acc.n_in * acc.n_out
-        lam = fisher[name] / (max(tokens, 1) * n_el) if logits_fn is not None else 1.0
-        out[name] = {"s": s, "energy": energy, "fisher": lam}
+        out[name] = {"s": s, "energy": energy, "fisher": lam[name]}
     return out
+
+
+def newton_spectra(model: nn.Module, batches: list, names: list[str], loss_fn: Callable[[nn.Module, dict], Tensor],
+                   logits_fn: Callable[[nn.Module, dict], Tensor], iters: int = 20, seed: int = 0,
+                   damping: float = 1e-3) -> tuple[dict[str, dict], dict]:
+    """name -> {"s": singular values of Δ*_m, "energy": ||Δ*_m||²_F, "fisher": λ}, where Δ* ≈ −(H + δI)⁻¹·g is the
+    Gauss-Newton step of full fine-tuning over all candidates jointly (lorafit.gauss_newton), preconditioned by λ_m
+    per module, δ = damping·tr(H)/dim; and the solver's report. ``loss_fn`` must be the mean cross-entropy (or KL) over the rows of ``logits_fn``."""
+    accs, lam = accumulate_gradients(model, batches, names, loss_fn, None, seed, logits_fn)
+    sizes = {n: a.n_in * a.n_out for n, a in accs.items()}
+    # H sums the per-batch mean curvature over the batches, λ is the mean over tokens: H_mm ≈ n_batches·λ_m·I
+    diag = {n: len(batches) * lam[n] for n in names}
+    mean_diag = sum(diag[n] * sizes[n] for n in names) / sum(sizes.values())  # tr(H) / dim, sampled
+    step, info = newton_step(model, batches, {n: accs[n].G for n in names}, logits_fn, iters, damping * mean_diag,
+                             scale=diag)
+    out = {n: {"s": torch.linalg.svdvals(step[n]), "energy": float((step[n].double() ** 2).sum()), "fisher": lam[n]}
+           for n in names}
+    return out, info
 
 
 # --- the probe -------------------------------------------------------------------------------------------
@@ -241,16 +239,12 @@ def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str]
 class ModuleProbe:
     name: str
     shape: tuple[int, int]  # (out, in)
-    spectrum: Tensor  # singular values of G, descending (the top k with a sketch)
-    energy: float  # ||G||²_F
+    spectrum: Tensor  # singular values of G (of the Newton step Δ* with newton > 0), descending
+    energy: float  # ||G||²_F (||Δ*||²_F)
     fisher: float  # λ, the mean Fisher eigenvalue (1.0 without curvature)
     effective_rank: int
     rank: int  # allocated; 0 = not adapted
-
-    @property
-    def gain(self) -> float:
-        """||G||²/λ: twice the loss decrease of a full natural-gradient step on this module alone."""
-        return self.energy / self.fisher
+    gain: float  # ||G||²/λ (λ·||Δ*||²): twice the loss decrease predicted for this module's step
 
 
 @dataclass
@@ -263,6 +257,7 @@ class ProbeResult:
     budget: Optional[int]
     trainable: int  # adapter parameters of ``config``
     notes: list[str] = field(default_factory=list)
+    measure: str = "gradient"  # what the spectra are of: "gradient" or "newton"
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -273,14 +268,21 @@ def probe(model: nn.Module, batches: Iterable[dict], candidates: Union[str, list
           energy: float = 0.9, budget: Optional[int] = None, sketch: Optional[int] = None, max_rank: int = 64,
           loss_fn: Optional[Callable[[nn.Module, dict], Tensor]] = None,
           logits_fn: Union[Callable[[nn.Module, dict], Tensor], None, str] = "default", use_dora: bool = False,
-          seed: int = 0) -> ProbeResult:
+          seed: int = 0, newton: int = 0) -> ProbeResult:
     """Measure each candidate's gradient spectrum over ``batches`` and allocate ranks (see the module docstring).
 
     ``candidates``: target_modules of the modules to consider (default all linear layers but the output layer).
     ``loss_fn(model, batch)``: default lorafit.train.causal_lm_loss. ``logits_fn(model, batch)`` -> (N, V): the
     logits the loss is computed from, for the Fisher curvature (default: the labelled positions of a causal LM;
-    None: no curvature, raw gradient energy). ``budget``: most adapter parameters. ``batches`` is read once.
+    None: no curvature, raw gradient energy). ``budget``: most adapter parameters. ``newton``: conjugate-gradient
+    steps towards the joint Gauss-Newton step Δ* of all candidates, whose per-module spectra replace the gradient's
+    (0: gradient spectra; needs exact gradients and ``logits_fn``, and reads ``batches`` once per step).
     """
+    if newton and (sketch or logits_fn is None):
+        raise ConfigError("the Newton step needs exact gradients and the model's logits: drop --sketch / "
+                          "--no-curvature, or set --newton 0")
+    if newton < 0:
+        raise ConfigError(f"newton={newton!r} is invalid: expected conjugate-gradient steps >= 0 (0: off)")
     if not 0 < energy <= 1:
         raise ConfigError(f"energy={energy!r} is invalid: expected a share in (0, 1], e.g. 0.9")
     if budget is not None and budget <= 0:
@@ -295,29 +297,36 @@ def probe(model: nn.Module, batches: Iterable[dict], candidates: Union[str, list
     if not targets:
         raise ConfigError(f"no linear candidate modules in {candidates!r}; the probe measures nn.Linear / Conv1D")
     names = [t.name for t in targets]
-    spectra = gradient_spectra(model, batches, names, loss_fn, sketch, seed, logits_fn)
+    notes = []
+    if newton:
+        spectra, info = newton_spectra(model, list(batches), names, loss_fn, logits_fn, newton, seed)
+        notes.append(f"Newton step: {info['iters']} conjugate-gradient steps, relative residual "
+                     f"{info['residual']:.3f}, predicted loss decrease {info['decrease']:.4g}")
+    else:
+        spectra = gradient_spectra(model, batches, names, loss_fn, sketch, seed, logits_fn)
     shapes = {t.name: tuple(reversed(in_out_features(model.get_submodule(t.name), t.kind))) for t in targets}
     lam = {m: max(spectra[m]["fisher"], 1e-30) for m in names}
     s = {m: spectra[m]["s"] for m in names}
-    # natural-gradient gains: s_k²/λ is twice the loss decrease of the k-th rank-one step (isotropic curvature)
-    gain_s = {m: s[m] / lam[m] ** 0.5 for m in names}
-    gains = {m: spectra[m]["energy"] / lam[m] for m in names}
+    # gains under isotropic curvature λ: a gradient direction s_k buys s_k²/(2λ) by a natural-gradient step, a
+    # Newton-step direction σ_k buys λ·σ_k²/2
+    w = {m: lam[m] ** 0.5 if newton else lam[m] ** -0.5 for m in names}
+    gain_s = {m: s[m] * w[m] for m in names}
+    gains = {m: spectra[m]["energy"] * w[m] ** 2 for m in names}
     costs = {m: shapes[m][0] + shapes[m][1] for m in names}
     ranks = allocate_ranks(gain_s, costs, gains, energy, budget, max_rank)
     eff = {m: min(effective_rank(s[m], energy, spectra[m]["energy"]), max_rank) for m in names}
     score = complexity_score(eff, gains)
     cfg = probed_config(ranks, use_dora=use_dora)
-    modules = [ModuleProbe(m, shapes[m], s[m], spectra[m]["energy"], lam[m] if logits_fn else 1.0, eff[m], ranks[m])
-               for m in names]
+    modules = [ModuleProbe(m, shapes[m], s[m], spectra[m]["energy"], lam[m] if logits_fn else 1.0, eff[m], ranks[m],
+                           gains[m]) for m in names]
     trainable = sum(ranks[m] * costs[m] + (shapes[m][0] if use_dora and ranks[m] else 0) for m in names)
-    notes = []
     if sketch and any(eff[m] >= min(sketch, *shapes[m]) for m in names):
         notes.append(f"some effective ranks reach the sketch size {sketch}: they are lower bounds; raise --sketch")
     held = sum(float((gain_s[m][:ranks[m]].double() ** 2).sum()) for m in names) / max(sum(gains.values()), 1e-300)
     notes.append(f"the {sum(r > 0 for r in ranks.values())} adapted modules hold {100 * held:.1f}% of the predicted "
                  f"gain (target {100 * energy:.0f}%" + (f", budget {budget:,} parameters" if budget else "") + ")")
     return ProbeResult(modules, cfg, score, "simple" if score <= SIMPLE_MAX else "complex", energy, budget,
-                       trainable, notes)
+                       trainable, notes, "newton" if newton else "gradient")
 
 
 # --- reporting -------------------------------------------------------------------------------------------
@@ -346,8 +355,8 @@ def probe_table(result: ProbeResult, top: Optional[int] = None) -> str:
 def probe_summary(result: ProbeResult) -> dict:
     """Every number of a probe as plain JSON-able data (probe.json)."""
     return {"complexity": result.complexity, "score": result.score, "energy": result.energy, "budget": result.budget,
-            "trainable": result.trainable, "notes": result.notes,
-            "modules": [{"name": m.name, "shape": list(m.shape), "gradient_energy": m.energy, "fisher": m.fisher,
+            "trainable": result.trainable, "notes": result.notes, "measure": result.measure,
+            "modules": [{"name": m.name, "shape": list(m.shape), "spectral_energy": m.energy, "fisher": m.fisher,
                          "gain": m.gain, "effective_rank": m.effective_rank, "rank": m.rank,
                          "spectrum": [float(x) for x in m.spectrum[:64]]} for m in result.modules]}
 
