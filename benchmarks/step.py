@@ -2,6 +2,7 @@
 
     python benchmarks/step.py                        # random Llama + SmolLM2-135M if cached, dropout 0.05 and 0
     python benchmarks/step.py --models llama-1024 --dropouts 0.05 --rounds 5
+    python benchmarks/step.py --retain-heap          # glibc keeps its heap: no per-step page faults (see --help)
 
 The floor is what any adapter must pay at least: the same frozen model (nothing requires grad) run forward and
 backward to its input embeddings on the same batch, without an optimizer.
@@ -28,6 +29,9 @@ import time
 
 THREADS = 2
 R, ALPHA = 16, 32
+# glibc keeps freed memory in the heap instead of returning it to the OS (no mmap'd chunks, no trimming), so a step's
+# large temporaries stop costing a page fault per 4 KB every step: the same environment for every configuration
+RETAIN_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 # name -> (description, batch, seq)
 MODELS = {
@@ -120,10 +124,12 @@ def serve(model_name: str, config: str, dropout: float, threads: int) -> None:
 
 
 class Child:
-    def __init__(self, model_name: str, config: str, dropout: float, threads: int) -> None:
+    def __init__(self, model_name: str, config: str, dropout: float, threads: int, retain_heap: bool) -> None:
         cmd = [sys.executable, __file__, "--serve", config, "--models", model_name, "--dropouts", str(dropout),
                "--threads", str(threads)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if retain_heap:
+            env["GLIBC_TUNABLES"] = RETAIN_HEAP
         self.name = config
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -138,10 +144,10 @@ class Child:
 
 
 def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, warmup: int,
-              threads: int) -> dict[str, dict]:
+              threads: int, retain_heap: bool = False) -> dict[str, dict]:
     """Run ``configs`` (with the floor) in lock step; per config: step times, ratios to floor and PEFT, peak RSS."""
     names = ["floor"] + [c for c in configs if c != "floor"]
-    children = [Child(model_name, c, dropout, threads) for c in names]
+    children = [Child(model_name, c, dropout, threads, retain_heap) for c in names]
     try:
         for child in children:
             child.ask()  # ready
@@ -201,6 +207,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (one step per configuration each)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--retain-heap", action="store_true", help="run every configuration with glibc's heap kept "
+                    f"(GLIBC_TUNABLES={RETAIN_HEAP}): large temporaries stop page-faulting every step")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -217,13 +225,14 @@ def main() -> None:
         peft_version = "not installed"
     print(f"# {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft_version}, {os.cpu_count()} CPUs; {args.rounds} rounds (+{args.warmup} warmup), medians; "
-          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} at start"
+          + (f"; GLIBC_TUNABLES={RETAIN_HEAP}" if args.retain_heap else "; default malloc"), flush=True)
     for model_name in args.models:
         if model_name == "smollm2-135m" and smollm2_path() is None:
             print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.assets as a; a.smollm2()')")
             continue
-        results = {p: run_group(model_name, p, args.configs, args.rounds, args.warmup, args.threads)
-                   for p in args.dropouts}
+        results = {p: run_group(model_name, p, args.configs, args.rounds, args.warmup, args.threads,
+                                args.retain_heap) for p in args.dropouts}
         print()
         print(table(model_name, results, args.threads), flush=True)
     print(f"\n# load average {os.getloadavg()[0]:.1f} at the end")

@@ -119,6 +119,46 @@ def test_a_dead_rank_fails_the_job_and_resume_completes(setup):
     assert json.loads((out / "trainer_state.json").read_text())["finished"]
 
 
+def test_workers_stop_when_the_launcher_is_killed(setup):
+    """A SIGKILLed torchrun agent cannot tear its workers down: they notice the re-parenting and exit."""
+    model, data, root = setup
+    out = root / "orphans"
+    args = ["train", "--model", model, "--data", data, "--output", out, "--batch-size", "2", "--strategy", "ddp",
+            "--steps", "400", "--save-every", "2", "--max-length", "48", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lorafit", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "orphaned workers still running 30 s after the launcher died"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job's session
+        except ProcessLookupError:
+            pass
+    assert not (out / "trainer_state.json").exists() and (out / "checkpoint-2").is_dir()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (an exited child of another process may linger as a zombie: not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_readme_torchrun_command_parses(setup, tmp_path):
     """torchrun accepts abbreviations of its own options: no lorafit flag may be a prefix of one of them."""
     from torch.distributed.run import get_args_parser

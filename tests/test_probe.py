@@ -338,3 +338,30 @@ def test_cli_probe_writes_a_trainable_config(tmp_path, capsys):
     lorafit.attach(model, cfg.lora)
     n, _ = lorafit.trainable_parameters(model)
     assert n == report["trainable"]
+
+
+def test_cli_probe_newton_on_a_causal_lm(tmp_path, capsys):
+    """--newton runs the Gauss-Newton step through the CLI's default loss (labelled positions of a causal LM)."""
+    import json
+
+    from cli_helpers import make_data, make_model_dir
+    from lorafit.cli_guidance import add_guidance_parsers
+
+    model_dir, data = make_model_dir(tmp_path / "m"), make_data(tmp_path / "d.jsonl")
+    p = argparse.ArgumentParser()
+    add_guidance_parsers(p.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        p.parse_args(["probe", "--newton", "-1"])
+    assert "expected an integer >= 0" in capsys.readouterr().err
+    out = tmp_path / "probe"
+    args = p.parse_args(["probe", "--model", str(model_dir), "--data", str(data), "--batch-size", "4",
+                         "--max-length", "48", "--batches", "2", "--newton", "3", "--output", str(out)])
+    assert args.func(args) == 0
+    report = json.loads((out / "probe.json").read_text())
+    assert report["measure"] == "newton" and "3 conjugate-gradient steps" in report["notes"][0]
+    assert any(m["rank"] for m in report["modules"])
+    bad = p.parse_args(["probe", "--model", str(model_dir), "--data", str(data), "--newton", "3", "--sketch", "8",
+                        "--output", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="Newton step needs"):
+        bad.func(bad)
+    assert not (tmp_path / "x").exists()

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +54,28 @@ def setup(timeout_s: float = 300) -> Dist:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local_rank, device)
+
+
+def watch_launcher(interval_s: float = 1.0) -> None:
+    """End this worker when its launcher dies. torchrun's agent stops its workers when it exits or is signalled
+    normally, but a SIGKILLed agent leaves them orphaned inside a collective that no peer will join, a wait that the
+    collective timeout did not end (gloo, 40 minutes observed). A daemon thread notices the re-parenting and exits
+    the process, whatever the main thread is blocked in; the last complete checkpoint stays for --resume."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                sys.stderr.write(f"lorafit: the launcher (pid {parent}) is gone; stopping this worker (exit 1)\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="lorafit-launcher-watch", daemon=True).start()
 
 
 def teardown(d: Dist) -> None:
