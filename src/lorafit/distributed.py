@@ -54,7 +54,8 @@ def setup(timeout_s: float = 300) -> Dist:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    watch_launcher()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent (not by a shell that may exit early)
+        watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local_rank, device)
