@@ -11,7 +11,8 @@ Each configuration lives in its own process (so its peak RSS, ru_maxrss, is its 
 one round runs one step in each, in rotating order, so a slow spell of the machine hits every configuration alike.
 The table gives each configuration's median step time, the median over rounds of its ratio to the floor step of the
 same round, and, for lorafit, of its ratio to PEFT's step ("cpu x floor": the same ratio in process CPU time, less
-sensitive to other processes on the machine); "extra" is peak RSS minus the floor's peak RSS: what the adapter's
+sensitive to other processes on the machine; "min x floor": the fastest step over the fastest floor step, since
+noise on a shared machine only adds time); "extra" is peak RSS minus the floor's peak RSS: what the adapter's
 training costs on top of running the model. Configurations of one dropout value run together, and the
 floor runs with each group.
 """
@@ -173,6 +174,7 @@ def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, 
         result[c] = {
             "step_s": statistics.median(times[c]),
             "x_floor": statistics.median(a / f for a, f in zip(times[c], times["floor"])),
+            "min_x_floor": min(times[c]) / min(times["floor"]),  # best step against best step: noise only adds
             "cpu_x_floor": statistics.median(a / f for a, f in zip(cpu[c], cpu["floor"])),
             "x_peft": statistics.median(a / b for a, b in zip(times[c], times[peer])) if peer in times else None,
             "peak_mb": peaks[c],
@@ -188,13 +190,15 @@ def table(model_name: str, results: dict[float, dict[str, dict]], threads: int) 
     lines = [f"## {model_name}: {desc}; batch {batch} x {seq}, r={R}, alpha={ALPHA}, all-linear, AdamW, "
              f"{threads} threads",
              f"{'config':<14} {'dropout':>7} {'step s':>7} {'x floor':>8} {'x PEFT':>7} {'cpu x floor':>11} "
+             f"{'min x floor':>11} "
              f"{'peak MB':>8} {'extra MB':>9} {'extra/PEFT':>10}"]
     for p, group in results.items():
         for c, r in group.items():
             x_peft = f"{r['x_peft']:.3f}" if r["x_peft"] else "-"
             extra_vs = f"{r['extra_vs_peft']:.1%}" if r["extra_vs_peft"] is not None else "-"
             lines.append(f"{c:<14} {p:>7g} {r['step_s']:>7.3f} {r['x_floor']:>8.3f} {x_peft:>7} "
-                         f"{r['cpu_x_floor']:>11.3f} {r['peak_mb']:>8.0f} {r['extra_mb']:>9.0f} {extra_vs:>10}")
+                         f"{r['cpu_x_floor']:>11.3f} {r['min_x_floor']:>11.3f} {r['peak_mb']:>8.0f} {r['extra_mb']:>9.0f} "
+                         f"{extra_vs:>10}")
     return "\n".join(lines)
 
 
