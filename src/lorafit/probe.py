@@ -381,7 +381,8 @@ def plot_spectra(result: ProbeResult, path: Union[str, Path], top: int = 12) -> 
         if m.rank:
             ax1.plot(m.rank, float(s[m.rank - 1] / s[0]), "o", color=line.get_color())
     ax2.axhline(result.energy, color="k", ls="--", lw=0.8, label=f"energy share {result.energy:g}")
-    ax1.set(xlabel="k", ylabel="s_k / s_1", title="gradient spectra (dot: allocated rank)")
+    kind = "Newton-step" if result.measure == "newton" else "gradient"
+    ax1.set(xlabel="k", ylabel="s_k / s_1", title=f"{kind} spectra (dot: allocated rank)")
     ax2.set(xlabel="k", ylabel="Σ_{i<=k} s_i² / ||G||²", title="cumulative energy", ylim=(0, 1.02))
     ax1.grid(alpha=0.3)
     ax2.grid(alpha=0.3)
