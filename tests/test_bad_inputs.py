@@ -30,6 +30,8 @@ from lorafit.data import DataError, read_examples, tokenize
 from cli_helpers import make_data, make_model_dir, make_tokenizer
 from conftest import perturb_trainable, tiny_cnn, tiny_llama, tiny_mlp
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -61,15 +63,6 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is far faster than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,9 @@ from lorafit.cli import main
 
 from cli_helpers import make_data, make_model_dir
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs fork and SIGKILL")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32",
+                              reason="needs fork and SIGKILL"),
+              pytest.mark.usefixtures("one_thread")]
 
 TRAIN = ["--steps", "12", "--save-every", "2", "--batch-size", "4", "--max-length", "48", "--lora-dropout", "0.1",
          "--quiet"]
@@ -157,15 +159,6 @@ def server(tmp_path_factory):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     return make_model_dir(root / "model"), make_data(root / "train.jsonl")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is far faster than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def saver_model() -> torch.nn.Module:

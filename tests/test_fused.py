@@ -21,16 +21,8 @@ from lorafit.layers import LoraLayer
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
 
 TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread")
 MODES = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall when other processes share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -117,7 +109,6 @@ def layer_run(layer: LoraLayer, x: torch.Tensor, rng_seed: int = 5):
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     layer.zero_grad(set_to_none=True)
     return out.detach(), x.grad, grads
-
 
 
 @pytest.mark.parametrize("kind,bias", [("linear", False), ("linear", True), ("linear_t", True)])

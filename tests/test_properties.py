@@ -36,6 +36,8 @@ from conftest import example_input, perturb_trainable, run, tiny_cnn, tiny_gpt2,
 TOL = 1e-5  # float32, relative to max(1, max |reference output|), plus 10x the float32 reference's own error
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # model kind -> (factory, leaf names that may be targeted, whether the model has dropout of its own)
 MODELS = {
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -44,15 +46,6 @@ MODELS = {
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], True),  # transformers Conv1D: weights stored (in, out)
     "cnn": (tiny_cnn, ["conv1", "conv2", "conv1d", "fc"], False),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is far faster than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @st.composite
