@@ -28,14 +28,22 @@ def target_modules_arg(value: str):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _positive_int(value: str) -> int:
+def _int_at_least(value: str, low: int, what: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        n = low - 1
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
     return n
+
+
+def _positive_int(value: str) -> int:
+    return _int_at_least(value, 1, "a positive integer")
+
+
+def _non_negative_int(value: str) -> int:
+    return _int_at_least(value, 0, "an integer >= 0")
 
 
 def _nonneg_int(value: str) -> int:

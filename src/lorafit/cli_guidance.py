@@ -18,20 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from .cli import _positive_int
+from .cli import _non_negative_int, _positive_int
 from .config import ConfigError
 
 # --- shared helpers --------------------------------------------------------------------------------------
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
 
 
 def _write_yaml(path: Path, data: dict, header: str = "") -> None:
