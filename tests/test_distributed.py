@@ -1,11 +1,13 @@
 """torchrun on the CPU (gloo): DDP equals the single-process run, FSDP2 trains and saves a PEFT-loadable adapter,
-and a dead rank ends the job with an error that --resume recovers from."""
+and a dead rank ends the job with an error that --resume recovers from (DDP and FSDP2: to the uninterrupted
+result)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,15 +97,16 @@ def test_fsdp_trains_and_saves_a_peft_loadable_adapter(setup, ddp_run):
     assert (a - c).abs().max().item() <= 1e-4
 
 
-def test_a_dead_rank_fails_the_job_and_resume_completes(setup):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_dead_rank_fails_the_job_and_resume_matches_the_uninterrupted_run(setup, strategy):
     model, data, root = setup
-    out = root / "killed"
-    args = ["train", "--model", model, "--data", data, "--output", out, "--batch-size", "2", "--strategy", "ddp",
+    out, whole = root / f"killed-{strategy}", root / f"whole-{strategy}"
+    args = ["train", "--model", model, "--data", data, "--batch-size", "2", "--strategy", strategy,
             "--steps", "10", "--save-every", "2", "--max-length", "48", "--quiet", "--dist-timeout", "30"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "lorafit", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                             "-m", "lorafit", *map(str, args), "--output", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 180
     while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -117,6 +120,11 @@ def test_a_dead_rank_fails_the_job_and_resume_completes(setup):
     r = torchrun("train", "--resume", out, "--quiet", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "trainer_state.json").read_text())["finished"]
+    resumed_at = re.search(r"resuming .* from checkpoint-(\d+)", r.stderr)
+    assert resumed_at and 2 <= int(resumed_at.group(1)) < 10, r.stderr[-3000:]  # mid-run, not from scratch
+    r = torchrun(*args, "--output", whole)  # the same job, never interrupted
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert max_diff(adapter(out), adapter(whole)) <= 1e-5
 
 
 def test_workers_stop_when_the_launcher_is_killed(setup):
