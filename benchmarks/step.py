@@ -13,8 +13,10 @@ The table gives each configuration's median step time, the median over rounds of
 same round, and, for lorafit, of its ratio to PEFT's step ("cpu x floor": the same ratio in process CPU time, less
 sensitive to other processes on the machine; "min x floor": the fastest step over the fastest floor step, since
 noise on a shared machine only adds time); "extra" is peak RSS minus the floor's peak RSS: what the adapter's
-training costs on top of running the model. Configurations of one dropout value run together, and the
-floor runs with each group.
+training costs on top of running the model. RSS also holds what the allocator keeps, so "tensor extra" gives the
+same difference for the peak of live tensor memory (parameters, optimizer state, saved activations, temporaries),
+from one more step per process profiled with torch.profiler's memory events: exact, and the same in every run.
+Configurations of one dropout value run together, and the floor runs with each group.
 """
 
 from __future__ import annotations
@@ -105,11 +107,37 @@ def make_step(model_name: str, config: str, dropout: float, adamw: str = "fused"
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    def live_tensors() -> list:
+        """What lives between steps: the model's parameters and buffers, the optimizer state, the batch."""
+        state = [t for s in (opt.state.values() if opt else ()) for t in s.values() if torch.is_tensor(t)]
+        return [*model.parameters(), *model.buffers(), *state, ids]
+
+    step.live_tensors = live_tensors
     return step
 
 
+def tensor_peak_mb(step) -> float:
+    """Peak memory of live tensors over one step, independent of the allocator: the storages alive between steps
+    plus the highest running total of the step's allocations (torch.profiler's memory events)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in step.live_tensors()}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]  # CPU
+    return (sum(storages.values()) + max(totals, default=0)) / 2**20
+
+
 def serve(model_name: str, config: str, dropout: float, threads: int, adamw: str) -> None:
-    """Child process: build, then run one step per "step" line on stdin; "quit" reports the peak RSS."""
+    """Child process: build, then run one step per "step" line on stdin; "quit" reports the peak RSS and, from one
+    more (profiled) step, the peak tensor memory."""
     import torch
 
     torch.set_num_threads(threads)
@@ -122,7 +150,8 @@ def serve(model_name: str, config: str, dropout: float, threads: int, adamw: str
             print(json.dumps({"step_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}), flush=True)
         else:
             break
-    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the profiled step adds its own
+    print(json.dumps({"peak_mb": peak_rss, "tensor_mb": tensor_peak_mb(step)}), flush=True)
 
 
 class Child:
@@ -166,7 +195,9 @@ def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, 
             if rnd >= warmup:
                 print(f"  [{model_name} p={dropout:g} round {rnd - warmup + 1}] "
                       + ", ".join(f"{c} {times[c][-1]:.2f}s" for c in names), file=sys.stderr, flush=True)
-        peaks = {child.name: child.ask("quit")["peak_mb"] for child in children}
+        final = {child.name: child.ask("quit") for child in children}
+        peaks = {c: f["peak_mb"] for c, f in final.items()}
+        tensors = {c: f["tensor_mb"] for c, f in final.items()}
     finally:
         for child in children:
             child.proc.kill() if child.proc.poll() is None else None
@@ -183,6 +214,9 @@ def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, 
             "extra_mb": peaks[c] - peaks["floor"],
             "extra_vs_peft": ((peaks[c] - peaks["floor"]) / (peaks[peer] - peaks["floor"])
                               if peer in peaks and peaks[peer] > peaks["floor"] else None),
+            "tensor_extra_mb": tensors[c] - tensors["floor"],
+            "tensor_extra_vs_peft": ((tensors[c] - tensors["floor"]) / (tensors[peer] - tensors["floor"])
+                                     if peer in tensors and tensors[peer] > tensors["floor"] else None),
         }
     return result
 
@@ -192,15 +226,19 @@ def table(model_name: str, results: dict[float, dict[str, dict]], threads: int, 
     lines = [f"## {model_name}: {desc}; batch {batch} x {seq}, r={R}, alpha={ALPHA}, all-linear, AdamW ({adamw}), "
              f"{threads} threads",
              f"{'config':<14} {'dropout':>7} {'step s':>7} {'x floor':>8} {'x PEFT':>7} {'cpu x floor':>11} "
-             f"{'min x floor':>11} "
-             f"{'peak MB':>8} {'extra MB':>9} {'extra/PEFT':>10}"]
+             f"{'min x floor':>11} {'peak MB':>8} {'extra MB':>9} {'extra/PEFT':>10} {'tensor extra':>12} "
+             f"{'/PEFT':>6}"]
+
+    def share(x):
+        return f"{x:.1%}" if x is not None else "-"
+
     for p, group in results.items():
         for c, r in group.items():
             x_peft = f"{r['x_peft']:.3f}" if r["x_peft"] else "-"
-            extra_vs = f"{r['extra_vs_peft']:.1%}" if r["extra_vs_peft"] is not None else "-"
             lines.append(f"{c:<14} {p:>7g} {r['step_s']:>7.3f} {r['x_floor']:>8.3f} {x_peft:>7} "
-                         f"{r['cpu_x_floor']:>11.3f} {r['min_x_floor']:>11.3f} {r['peak_mb']:>8.0f} {r['extra_mb']:>9.0f} "
-                         f"{extra_vs:>10}")
+                         f"{r['cpu_x_floor']:>11.3f} {r['min_x_floor']:>11.3f} {r['peak_mb']:>8.0f} "
+                         f"{r['extra_mb']:>9.0f} {share(r['extra_vs_peft']):>10} {r['tensor_extra_mb']:>12.0f} "
+                         f"{share(r['tensor_extra_vs_peft']):>6}")
     return "\n".join(lines)
 
 
