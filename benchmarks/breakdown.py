@@ -9,7 +9,7 @@ steps of each after a warm-up, and sorts every op's self CPU time into buckets:
     base matmul      matrix products of the model's own weights (no dimension equal to the rank r)
     adapter matmul   matrix products with a rank-r dimension: the adapter's arithmetic, x·Aᵀ, h·Bᵀ and their gradients
     attention        scaled_dot_product_attention kernels
-    optimizer        everything inside ``Optimizer.step``
+    optimizer        everything inside ``Optimizer.step`` and ``Optimizer.zero_grad``
     autograd nodes   autograd's backward nodes (MmBackward0, ...) and the bodies of custom autograd functions
                      (lorafit's LoraLinear: its Python, not the ops inside it)
     other ops        elementwise, reductions, copies, allocation, autograd bookkeeping
@@ -40,11 +40,11 @@ def bucket(event, r: int) -> str:
     """The bucket of one profiler event (by its name, input shapes and enclosing events)."""
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("Optimizer.step"):
+        if parent.name.startswith("Optimizer."):
             return "optimizer"
         parent = parent.cpu_parent
     name = event.name
-    if name.startswith("Optimizer.step"):
+    if name.startswith("Optimizer."):
         return "optimizer"
     if name in MATMULS:
         shapes = event.input_shapes or []
