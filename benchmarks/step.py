@@ -212,13 +212,18 @@ def run_group(model_name: str, dropout: float, configs: list[str], rounds: int, 
             "x_peft": statistics.median(a / b for a, b in zip(times[c], times[peer])) if peer in times else None,
             "peak_mb": peaks[c],
             "extra_mb": peaks[c] - peaks["floor"],
-            "extra_vs_peft": ((peaks[c] - peaks["floor"]) / (peaks[peer] - peaks["floor"])
-                              if peer in peaks and peaks[peer] > peaks["floor"] else None),
+            "extra_vs_peft": _share_of_peer(peaks, c, peer),
             "tensor_extra_mb": tensors[c] - tensors["floor"],
-            "tensor_extra_vs_peft": ((tensors[c] - tensors["floor"]) / (tensors[peer] - tensors["floor"])
-                                     if peer in tensors and tensors[peer] > tensors["floor"] else None),
+            "tensor_extra_vs_peft": _share_of_peer(tensors, c, peer),
         }
     return result
+
+
+def _share_of_peer(mb: dict[str, float], config: str, peer: str | None) -> float | None:
+    """config's memory above the floor as a share of its PEFT peer's (None without a peer above the floor)."""
+    if peer not in mb or mb[peer] <= mb["floor"]:
+        return None
+    return (mb[config] - mb["floor"]) / (mb[peer] - mb["floor"])
 
 
 def table(model_name: str, results: dict[float, dict[str, dict]], threads: int, adamw: str) -> str:
