@@ -7,7 +7,8 @@ Runs the floor and one configuration of ``step.py`` (same model, batch and AdamW
 steps of each after a warm-up, and sorts every op's self CPU time into buckets:
 
     base matmul      matrix products of the model's own weights (no dimension equal to the rank r)
-    adapter matmul   matrix products with a rank-r dimension: the adapter's arithmetic, x·Aᵀ, h·Bᵀ and their gradients
+    adapter matmul   matrix products with a rank-r dimension: the adapter's arithmetic, x·Aᵀ, h·Bᵀ and their
+                     gradients
     attention        scaled_dot_product_attention kernels
     optimizer        everything inside ``Optimizer.step`` and ``Optimizer.zero_grad``
     autograd nodes   autograd's backward nodes (MmBackward0, ...) and the bodies of custom autograd functions
@@ -51,7 +52,7 @@ def bucket(event, r: int) -> str:
         return "adapter matmul" if any(r in s for s in shapes if isinstance(s, list)) else "base matmul"
     if "scaled_dot_product" in name:
         return "attention"
-    if "::" not in name and not name.startswith(("autograd::", "torch::")):  # a backward node or a custom Function's body
+    if "::" not in name:  # a backward node (MmBackward0) or a custom Function's body (LoraLinear)
         return "autograd nodes"
     return "other ops"
 
@@ -100,7 +101,7 @@ def main() -> None:
     if model == "smollm2-135m" and S.smollm2_path() is None:
         sys.exit("SmolLM2-135M is not cached (python -c 'import lorafit.assets as a; a.smollm2()'), "
                  "or pass --model llama-1024")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = S.child_env(args.threads)
     rows = {}
     for config in ("floor", args.config):  # one after the other: each process has the machine to itself
         cmd = [sys.executable, __file__, "--child", config, "--model", model, "--dropout", str(args.dropout),

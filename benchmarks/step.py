@@ -154,12 +154,17 @@ def serve(model_name: str, config: str, dropout: float, threads: int, adamw: str
     print(json.dumps({"peak_mb": peak_rss, "tensor_mb": tensor_peak_mb(step)}), flush=True)
 
 
+def child_env(threads: int) -> dict[str, str]:
+    """The environment of a measured process: ``threads`` intra-op threads for every BLAS/OpenMP library."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 class Child:
     def __init__(self, model_name: str, config: str, dropout: float, threads: int, retain_heap: bool,
                  adamw: str) -> None:
         cmd = [sys.executable, __file__, "--serve", config, "--models", model_name, "--dropouts", str(dropout),
                "--threads", str(threads), "--adamw", adamw]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = child_env(threads)
         if retain_heap:
             env["GLIBC_TUNABLES"] = RETAIN_HEAP
         self.name = config

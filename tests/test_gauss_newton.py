@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.gauss_newton import gn_product, newton_step, recorded_calls
+from lorafit.gauss_newton import gn_product, newton_step, output_grads, recorded_calls
 
 from conftest import tiny_llama
 
@@ -38,9 +38,8 @@ def _weight_grads(model, batches, names) -> dict:
     with torch.enable_grad(), recorded_calls(model, names) as calls:
         for b in batches:
             calls.clear()
-            out = torch.autograd.grad(_kl(model, b), [c[2] for c in calls])
-            for (name, x, _), dy in zip(calls, out):
-                grads[name] = grads[name] + dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            for name, x, dy in output_grads(_kl(model, b), calls):
+                grads[name] = grads[name] + dy.t() @ x  # (out, N) @ (N, in)
     return grads
 
 

@@ -46,16 +46,6 @@ def _non_negative_int(value: str) -> int:
     return _int_at_least(value, 0, "an integer >= 0")
 
 
-def _nonneg_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
-
-
 # flag -> (TrainConfig field or "lora.<field>", type, help)
 TRAIN_FLAGS = {
     "--model": ("model", str, "local transformers causal-LM folder (default: the embedded SmolLM2-135M-Instruct)"),
@@ -67,13 +57,13 @@ TRAIN_FLAGS = {
     "--grad-accum": ("grad_accum", _positive_int, "micro-batches per optimizer step (default: 1)"),
     "--lr": ("lr", float, "AdamW peak learning rate (default: 1e-3; the demo: 2e-3)"),
     "--schedule": ("schedule", str, "learning-rate schedule after warm-up: cosine, linear, constant (default: cosine)"),
-    "--warmup-steps": ("warmup_steps", _nonneg_int, "linear warm-up steps (default: 0)"),
+    "--warmup-steps": ("warmup_steps", _non_negative_int, "linear warm-up steps (default: 0)"),
     "--weight-decay": ("weight_decay", float, "AdamW weight decay (default: 0)"),
     "--max-length": ("max_length", _positive_int, "tokens per example (default: 256; the demo: 96)"),
-    "--seed": ("seed", _nonneg_int, "seed for init, data order, split and dropout (default: 0)"),
+    "--seed": ("seed", _non_negative_int, "seed for init, data order, split and dropout (default: 0)"),
     "--eval-split": ("eval_split", float, "share of the data held out for evaluation (default: 0.1)"),
-    "--eval-every": ("eval_every", _nonneg_int, "evaluate every N steps; 0 = before and after only (default: 0)"),
-    "--save-every": ("save_every", _nonneg_int, "checkpoint every N steps; 0 = never (default: 0; the demo: 20)"),
+    "--eval-every": ("eval_every", _non_negative_int, "evaluate every N steps; 0 = before and after only (default: 0)"),
+    "--save-every": ("save_every", _non_negative_int, "checkpoint every N steps; 0 = never (default: 0; the demo: 20)"),
     "--dtype": ("dtype", str, "base weights dtype: float32, bfloat16, float16 (default: float32)"),
     "--strategy": ("strategy", str, "under torchrun: ddp, fsdp or auto (DDP when a weight copy fits) (default: auto)"),
     "--dist-timeout": ("dist_timeout", float, "seconds a collective waits for a dead peer before failing "

@@ -106,8 +106,8 @@ def newton_step(model: nn.Module, batches: Iterable[dict], grads: Deltas,
     ||r|| <= tol·||g||). ``grads``: g per module, (out, in), the gradient of the same loss summed over ``batches``.
     ``scale``: a per-module estimate of H's diagonal (e.g. the mean Fisher eigenvalue), used as the preconditioner
     M = diag(scale_m·I) (preconditioned CG: modules whose curvature differs by orders of magnitude converge alike).
-    Returns (Δ*, {"iters": steps taken, "residual": ||r||/||g||, "decrease": −(gᵀΔ* + ½Δ*ᵀHΔ*)}), the last being
-    the loss decrease the quadratic model predicts. The model is left unchanged."""
+    Returns (Δ*, {"iters": steps taken, "residual": ||r||/||g||, "decrease": −(gᵀΔ* + ½Δ*ᵀHΔ*)}), the last
+    being the loss decrease the quadratic model predicts. The model is left unchanged."""
     batches = list(batches)
     x = {n: torch.zeros_like(g) for n, g in grads.items()}
     r = {n: -g for n, g in grads.items()}  # residual −g − (H + δI)·x at x = 0

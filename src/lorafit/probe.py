@@ -222,7 +222,8 @@ def newton_spectra(model: nn.Module, batches: list, names: list[str], loss_fn: C
                    damping: float = 1e-3) -> tuple[dict[str, dict], dict]:
     """name -> {"s": singular values of Δ*_m, "energy": ||Δ*_m||²_F, "fisher": λ}, where Δ* ≈ −(H + δI)⁻¹·g is the
     Gauss-Newton step of full fine-tuning over all candidates jointly (lorafit.gauss_newton), preconditioned by λ_m
-    per module, δ = damping·tr(H)/dim; and the solver's report. ``loss_fn`` must be the mean cross-entropy (or KL) over the rows of ``logits_fn``."""
+    per module, δ = damping·tr(H)/dim; and the solver's report. ``loss_fn`` must be the mean cross-entropy (or
+    KL) over the rows of ``logits_fn``."""
     accs, lam = accumulate_gradients(model, batches, names, loss_fn, None, seed, logits_fn)
     sizes = {n: a.n_in * a.n_out for n, a in accs.items()}
     # H sums the per-batch mean curvature over the batches, λ is the mean over tokens: H_mm ≈ n_batches·λ_m·I
