@@ -99,7 +99,7 @@ def main() -> None:
         child(model, args.child, args.dropout, args.steps, args.threads)
         return
     if model == "smollm2-135m" and S.smollm2_path() is None:
-        sys.exit("SmolLM2-135M is not cached (python -c 'import lorafit.assets as a; a.smollm2()'), "
+        sys.exit("SmolLM2-135M is not cached (python -c 'import lorafit.demo.assets as a; a.smollm2()'), "
                  "or pass --model llama-1024")
     env = S.child_env(args.threads)
     rows = {}

@@ -48,7 +48,7 @@ CONFIGS = ("floor", "peft-lora", "lorafit-lora", "peft-dora", "lorafit-dora")
 def smollm2_path():
     """The cached SmolLM2 folder, or None (the benchmark never downloads)."""
     try:
-        from lorafit import assets
+        from lorafit.demo import assets
     except ImportError:
         return None
     path = assets.cache_dir() / "models" / assets.SMOLLM2_NAME
@@ -286,7 +286,7 @@ def main() -> None:
           + (f"; GLIBC_TUNABLES={RETAIN_HEAP}" if args.retain_heap else "; default malloc"), flush=True)
     for model_name in args.models:
         if model_name == "smollm2-135m" and smollm2_path() is None:
-            print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.assets as a; a.smollm2()')")
+            print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.demo.assets as a; a.smollm2()')")
             continue
         results = {p: run_group(model_name, p, args.configs, args.rounds, args.warmup, args.threads,
                                 args.retain_heap, args.adamw) for p in args.dropouts}

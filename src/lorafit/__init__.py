@@ -6,14 +6,23 @@
     lorafit.save(model, "out/adapter")         # adapter_config.json + adapter_model.safetensors (PEFT layout)
     model = lorafit.load(base_model, "out/adapter")
     model = lorafit.merge(model)               # fold into the base weights
+    lorafit.suggest(model)                     # the rules of thumb, checked against lorafit.plan's estimate
+
+Importing lorafit loads torch and safetensors only: transformers, PyYAML, tqdm and matplotlib are imported by the
+functions that need them.
 """
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, LoraConfig  # noqa: E402
+from .errors import AdapterError, ConfigError, DataError, TrainingError  # noqa: E402
+from .config import LoraConfig  # noqa: E402
 from .model import adapter_layers, attach, disabled, merge, trainable_parameters  # noqa: E402
-from .io import AdapterError, load, save  # noqa: E402
+from .io import load, save  # noqa: E402
 from .layers import LoraLayer  # noqa: E402
+from .advise.plan import plan  # noqa: E402
+from .advise.probe import probe  # noqa: E402
+from .advise.suggest import suggest  # noqa: E402
 
-__all__ = ["LoraConfig", "ConfigError", "AdapterError", "LoraLayer", "attach", "load", "save", "merge", "disabled",
-           "trainable_parameters", "adapter_layers", "__version__"]
+__all__ = ["LoraConfig", "ConfigError", "AdapterError", "DataError", "TrainingError", "LoraLayer", "attach", "load",
+           "save", "merge", "disabled", "trainable_parameters", "adapter_layers", "plan", "probe", "suggest",
+           "__version__"]

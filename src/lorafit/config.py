@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .errors import ConfigError
+
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -29,8 +31,6 @@ _PEFT_METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision
 _PEFT_DEFAULTS = {"qalora_group_size": 16}  # non-empty PEFT defaults of unsupported features
 
 
-class ConfigError(ValueError):
-    """An invalid LoRA configuration value; the message names the field, the value and what is allowed."""
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -44,21 +44,36 @@ class LoraConfig:
     Defaults match PEFT. Every value is checked at construction; a bad one raises ``ConfigError`` (a ValueError).
     """
 
-    r: int = 8  # rank of ΔW = B·A; LoRA §4.1 / §7.2: tiny ranks (1-8) already suffice for many tasks
-    lora_alpha: float = 8  # numerator of the scaling s = alpha / r (LoRA §4.1); fixed so lr needn't be retuned per r
-    lora_dropout: float = 0.0  # dropout on the LoRA branch's input only (QLoRA practice; 0.05-0.1 for small data)
-    target_modules: Optional[Union[list[str], str]] = None  # names (suffix match), a regex (fullmatch), "all-linear"
-    exclude_modules: Optional[Union[list[str], str]] = None  # same rules as target_modules, applied first
-    layers_to_transform: Optional[Union[list[int], int]] = None  # only adapt these layer indices
-    layers_pattern: Optional[Union[list[str], str]] = None  # the name of the layer list, e.g. "layers" or "h"
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex on module name -> rank, first match wins
-    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex on module name -> alpha, first match wins
-    bias: str = "none"  # "none" | "all" (train every bias) | "lora_only" (train biases of adapted modules)
-    modules_to_save: Optional[list[str]] = None  # modules trained in full and saved with the adapter (e.g. heads)
-    fan_in_fan_out: bool = False  # weight stored as (in, out); set automatically for transformers Conv1D (GPT-2)
-    init_lora_weights: Union[bool, str] = True  # True: A kaiming-uniform, B=0 | "gaussian" | False | "pissa" | "olora"
-    use_rslora: bool = False  # s = alpha / sqrt(r) (RSLoRA, Kalajdzievski 2023, Thm 3.2): stable across ranks
-    use_dora: bool = False  # weight-decomposed LoRA: learn a magnitude per output row (DoRA, Liu et al. 2024, §4)
+    r: int = field(default=8, metadata={"help": "rank of ΔW = B·A; LoRA §4.1 / §7.2: tiny ranks (1-8) already "
+        "suffice for many tasks"})
+    lora_alpha: float = field(default=8, metadata={"help": "numerator of the scaling s = alpha / r (LoRA §4.1); "
+        "fixed so lr needn't be retuned per r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input only (QLoRA "
+        "practice; 0.05-0.1 for small data)"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "names (suffix match), a "
+        "regex (fullmatch), 'all-linear'"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "same rules as "
+        "target_modules, applied first"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "only adapt these "
+        "layer indices"})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "the name of the layer "
+        "list, e.g. 'layers' or 'h'"})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "regex on module name -> rank, "
+        "first match wins"})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "regex on module name -> alpha, "
+        "first match wins"})
+    bias: str = field(default="none", metadata={"help": "'none' | 'all' (train every bias) | 'lora_only' (train "
+        "biases of adapted modules)"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "modules trained in full and saved "
+        "with the adapter (e.g. heads)"})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "weight stored as (in, out); set automatically for "
+        "transformers Conv1D (GPT-2)"})
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={"help": "True: A kaiming-uniform, B=0 | "
+        "'gaussian' | False | 'pissa' | 'olora'"})
+    use_rslora: bool = field(default=False, metadata={"help": "s = alpha / sqrt(r) (RSLoRA, Kalajdzievski 2023, Thm "
+        "3.2): stable across ranks"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA: learn a magnitude per output "
+        "row (DoRA, Liu et al. 2024, §4)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -298,13 +298,21 @@ def _magnitude_grad(g: Tensor, out: Tensor, x: Tensor, W: Tensor, bias: Tensor |
     return grad
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s: float, p: float,
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B: Tensor, s: float, p: float,
                 transposed: bool = False, magnitude: Tensor | None = None, w0_sq: Tensor | None = None) -> Tensor:
-    """The fused LoRA/DoRA linear layer (see the module docstring); p is the dropout in effect (0 in eval mode).
+    """The fused LoRA/DoRA linear layer ``W0·x + b + s·B·A·drop(x)`` (DoRA: scaled by m/||W0 + s·B·A||_c; see the
+    module docstring). Not traceable by torch.compile: call it from a ``torch.compiler.disable``d function (as
+    ``LoraLayer`` does).
 
-    x (..., in), weight (out, in) or (in, out) when ``transposed`` (Conv1D), A (r, in), B (out, r), magnitude (out,);
-    DoRA needs ``w0_sq`` = ``row_sq_norms(W0, A.dtype)``. Not traceable by torch.compile: call it from a
-    ``torch.compiler.disable``d function (as ``LoraLayer`` does).
+    Args:
+        x: (..., in) input.
+        weight: (out, in) frozen base weight, or (in, out) when ``transposed`` (transformers Conv1D).
+        bias: (out,) base bias or None.
+        A: (r, in) and B: (out, r), the adapter factors.
+        s: the scale alpha/r (or alpha/sqrt(r)).
+        p: the dropout in effect (0 in eval mode).
+        magnitude: (out,) DoRA's magnitude m, or None for LoRA.
+        w0_sq: DoRA only: ``row_sq_norms(W0, A.dtype)``, the (out,) squared row norms of W0.
     """
     seed = dropout_seed(x, p) if p > 0 else 0
     norm = None

@@ -16,13 +16,7 @@ This is the only module that speaks PEFT's key names; in memory the names stay a
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -31,7 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import ConfigError, LoraConfig
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError
+from .files import atomic_dir, replace_file
 from .model import adapter_layers, adapter_parameter_names, attach, state_of
 from .targets import modules_to_save, select_targets
 from .layers import adapter_shapes, magnitude_shape
@@ -39,10 +35,6 @@ from .layers import adapter_shapes, magnitude_shape
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class AdapterError(ValueError):
-    """A broken or mismatched adapter folder; the message names the file or key and what is wrong."""
 
 
 def _lora_keys(name: str, kind: str) -> dict[str, str]:
@@ -99,85 +91,27 @@ def adapter_config_dict(model: nn.Module) -> dict:
     return d
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError, TypeError):  # not Linux/glibc
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or filesystem without it
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _atomic_dir(path: Path, write) -> None:
-    """Write a folder via ``write(tmpdir)`` into a temp folder beside ``path``, then swap it in by rename, so a
-    crash leaves either the old folder or the new one at ``path``, never a half-written one (and, where the
-    system can exchange two paths atomically, never no folder). An OSError (a full disk) names ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            if not path.is_dir():
-                raise AdapterError(f"{path} exists and is not a folder; choose another output path")
-            if _exchange(tmp, path):  # path now holds the new folder and tmp the old one
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "x")  # between these two renames a crash leaves the old folder in ``old``
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old / "x", path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except WRITE_ERRORS as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(e, path) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# What writers raise when a write fails (a full disk: OSError from Python, SafetensorError from safetensors,
-# RuntimeError "[enforce fail at inline_container.cc...] unexpected pos" from torch.save).
-WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
-
-
-def _write_error(e: Exception, path: Path) -> OSError:
-    """An OSError for a failed write that names the target and says that it was left as it was."""
-    code = getattr(e, "errno", None)
-    if code is None and (m := re.search(r"os error (\d+)", str(e))):  # safetensors: "... (os error 28)"
-        code = int(m.group(1))
-    reason = getattr(e, "strerror", None) or str(e).strip()
-    hint = "" if code else " (is the disk full?)"
-    msg = f"could not write {path}: {reason}{hint}; what was there before is unchanged"
-    return OSError(code, msg) if code else OSError(msg)
-
-
 def save(model: nn.Module, path: Union[str, Path]) -> Path:
     """Save the adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), atomically."""
     path = Path(path)
     tensors = adapter_state_dict(model)
     config = adapter_config_dict(model)
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return atomic_dir(path, lambda tmp: write_adapter_files(tmp, tensors, config))
 
-    _atomic_dir(path, write)
-    return path
+
+def write_adapter_files(folder: Path, tensors: dict[str, Tensor], config: dict) -> None:
+    """The two files of an adapter folder, written plainly into ``folder`` (a temporary folder being filled)."""
+    _write_weights(folder / WEIGHTS_NAME, tensors)
+    _write_config(folder / CONFIG_NAME, config)
+
+
+def _write_weights(file: Path, tensors: dict[str, Tensor]) -> None:
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _write_config(file: Path, config: dict) -> None:
+    file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def write_adapter(model: nn.Module, folder: Union[str, Path], tensors: dict[str, Tensor] | None = None) -> None:
@@ -186,15 +120,8 @@ def write_adapter(model: nn.Module, folder: Union[str, Path], tensors: dict[str,
     folder = Path(folder)
     tensors = adapter_state_dict(model) if tensors is None else tensors
     config = adapter_config_dict(model)
-    for name, write in ((WEIGHTS_NAME, lambda f: save_file(tensors, str(f), metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda f: f.write_text(json.dumps(config, indent=2, sort_keys=True)))):
-        tmp = folder / f".{name}.tmp"
-        try:
-            write(tmp)
-            os.replace(tmp, folder / name)
-        except WRITE_ERRORS as e:
-            tmp.unlink(missing_ok=True)
-            raise _write_error(e, folder / name) from e
+    replace_file(folder / WEIGHTS_NAME, lambda f: _write_weights(f, tensors))
+    replace_file(folder / CONFIG_NAME, lambda f: _write_config(f, config))
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -230,6 +157,26 @@ def read_adapter(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, Tensor]]
         if not torch.isfinite(t).all():
             raise AdapterError(f"{weights}: tensor {key!r} contains NaN or inf values; the adapter is unusable")
     return config, tensors
+
+
+_FACTOR_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                    (".lora_embedding_B", "B"), (".lora_magnitude_vector", "m"))
+
+
+def read_factors(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, dict]]:
+    """An adapter folder's config and, per adapted module (by its in-model name), ``{"kind": "linear" |
+    "embedding", "A": (r, in), "B": (out, r)[, "m": (out,)]}``; modules without both factors are left out."""
+    cfg, tensors = read_adapter(path)
+    modules: dict[str, dict] = {}
+    for key, t in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, part in _FACTOR_SUFFIXES:
+            if name.endswith(suffix):
+                entry = modules.setdefault(name[: -len(suffix)], {"kind": "linear"})
+                entry[part] = t
+                if "embedding" in suffix:
+                    entry["kind"] = "embedding"
+    return cfg, {name: f for name, f in modules.items() if "A" in f and "B" in f}
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], set[str], dict[str, str]]:

@@ -152,9 +152,9 @@ class LoraLayer(nn.Module):
             if self._w0_sq is None or self._w0_sq[0] != key:  # W0 is frozen: changes only by load, init or .to()
                 self._w0_sq = (key, fused.row_sq_norms(ops.as_matrix(w, self.kind), self.lora_A.dtype))
             w0_sq = self._w0_sq[1]
-        return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                 self.dropout.p if self.training else 0.0, self.kind == "linear_t",
-                                 self.lora_magnitude, w0_sq)
+        return fused.lora_linear(x, self.weight, self.bias, A=self.lora_A, B=self.lora_B, s=self.scaling,
+                                 p=self.dropout.p if self.training else 0.0, transposed=self.kind == "linear_t",
+                                 magnitude=self.lora_magnitude, w0_sq=w0_sq)
 
     # --- initialisation -----------------------------------------------------------------------------------
 

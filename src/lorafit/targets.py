@@ -125,85 +125,110 @@ def modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 
-def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list[Target]:
-    """The modules ``cfg`` adapts in ``model``, in model order, with per-module rank, alpha and scaling.
+def _default_spec(model: nn.Module) -> list[str]:
+    """PEFT's default targets (attention query/value) for ``target_modules=None``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError("LoraConfig.target_modules=None: lorafit has no default targets for "
+                          f"model type {model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj'] or "
+                          "'all-linear'")
+    return DEFAULT_TARGETS[model_type]
 
-    ``strict=False`` (reading a saved adapter) accepts target entries that only excluded modules match, as PEFT
-    writes "all-linear" expanded to names before applying exclude_modules.
-    """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    all_names = [n for n, _ in named]
-    spec = cfg.target_modules
-    if spec is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise ConfigError("LoraConfig.target_modules=None: lorafit has no default targets for "
-                              f"model type {model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj'] or "
-                              "'all-linear'")
-        spec = DEFAULT_TARGETS[model_type]
-    saved = modules_to_save(model, cfg)
-    in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
 
-    candidates = [(n, m) for n, m in named
-                  if not (cfg.exclude_modules and spec_matches(n, cfg.exclude_modules)) and not in_saved(n)]
-    if isinstance(spec, str) and spec.lower() == "all-linear":
-        heads = output_layer_names(model)
-        matched = [(n, m) for n, m in candidates if layer_kind(m) in ("linear", "linear_t") and n not in heads]
+Named = list[tuple[str, nn.Module]]
+
+
+def _match_all_linear(model: nn.Module, candidates: Named) -> Named:
+    heads = output_layer_names(model)
+    matched = [(n, m) for n, m in candidates if layer_kind(m) in ("linear", "linear_t") and n not in heads]
+    if not matched:
+        raise ConfigError("target_modules='all-linear' found no nn.Linear or Conv1D layer (besides the output "
+                          "layer) in the model")
+    return matched
+
+
+def _match_regex(spec: str, candidates: Named, all_names: list[str]) -> Named:
+    matched = [(n, m) for n, m in candidates if re.fullmatch(spec, n)]
+    if not matched and any(re.fullmatch(spec, n) for n in all_names):
+        raise ConfigError(f"target_modules regex {spec!r} matches no module once exclude_modules/"
+                          "modules_to_save are applied")
+    if not matched:
+        raise ConfigError(f"target_modules regex {spec!r} matches no module name (it must match the full "
+                          f"name, e.g. r'.*\\.q_proj'); some module names: {_similar(spec, all_names)}")
+    return matched
+
+
+def _match_names(spec: list[str], cfg: LoraConfig, candidates: Named, all_names: list[str], strict: bool) -> Named:
+    matched = [(n, m) for n, m in candidates if name_matches(n, spec)]
+    for entry in spec:
+        if any(n == entry or n.endswith("." + entry) for n, _ in matched):
+            continue
+        excluded = any(name_matches(n, [entry]) for n in all_names)
+        if excluded and not strict:
+            continue
+        raise ConfigError(f"target_modules entry {entry!r} matches no module in the model"
+                          f"{' once exclude_modules/modules_to_save are applied' if excluded else ''}"
+                          f"; similar names: {_similar(entry, all_names)}")
+    if cfg.layers_to_transform is not None:
+        wanted = cfg.layers_to_transform
+        wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+        matched = [(n, m) for n, m in matched if layer_index(n, cfg.layers_pattern) in wanted]
         if not matched:
-            raise ConfigError("target_modules='all-linear' found no nn.Linear or Conv1D layer (besides the output "
-                              "layer) in the model")
-    elif isinstance(spec, str):
-        matched = [(n, m) for n, m in candidates if re.fullmatch(spec, n)]
-        if not matched and any(re.fullmatch(spec, n) for n in all_names):
-            raise ConfigError(f"target_modules regex {spec!r} matches no module once exclude_modules/"
-                              "modules_to_save are applied")
-        if not matched:
-            raise ConfigError(f"target_modules regex {spec!r} matches no module name (it must match the full "
-                              f"name, e.g. r'.*\\.q_proj'); some module names: {_similar(spec, all_names)}")
-    else:
-        matched = [(n, m) for n, m in candidates if name_matches(n, spec)]
-        for entry in spec:
-            if any(n == entry or n.endswith("." + entry) for n, _ in matched):
-                continue
-            excluded = any(name_matches(n, [entry]) for n in all_names)
-            if excluded and not strict:
-                continue
-            raise ConfigError(f"target_modules entry {entry!r} matches no module in the model"
-                              f"{' once exclude_modules/modules_to_save are applied' if excluded else ''}"
-                              f"; similar names: {_similar(entry, all_names)}")
-        if cfg.layers_to_transform is not None:
-            wanted = cfg.layers_to_transform
-            wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-            matched = [(n, m) for n, m in matched if layer_index(n, cfg.layers_pattern) in wanted]
-            if not matched:
-                raise ConfigError(f"layers_to_transform={cfg.layers_to_transform!r} (layers_pattern="
-                                  f"{cfg.layers_pattern!r}) leaves no target module; layer indices are read from "
-                                  "names like 'model.layers.3.self_attn.q_proj'")
+            raise ConfigError(f"layers_to_transform={cfg.layers_to_transform!r} (layers_pattern="
+                              f"{cfg.layers_pattern!r}) leaves no target module; layer indices are read from "
+                              "names like 'model.layers.3.self_attn.q_proj'")
+    return matched
 
-    targets = []
-    for n, m in matched:
-        kind = layer_kind(m)
-        if kind is None:
-            raise _unsupported(n, m)
-        if kind == "conv" and (m.groups != 1 or m.padding_mode != "zeros" or any(d != 1 for d in m.dilation)):
-            raise ConfigError(f"target module {n!r} is a {type(m).__name__} with groups={m.groups}, "
-                              f"dilation={m.dilation}, padding_mode={m.padding_mode!r}; lorafit adapts convolutions "
-                              "with groups=1, dilation=1 and zero padding only")
-        r = cfg.rank_pattern[k] if (k := pattern_key(cfg.rank_pattern, n)) is not None else cfg.r
-        alpha = cfg.alpha_pattern[k] if (k := pattern_key(cfg.alpha_pattern, n)) is not None else cfg.lora_alpha
-        if cfg.init_lora_weights in ("pissa", "olora"):
-            if kind not in ("linear", "linear_t"):
-                raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} supports linear layers only; "
-                                  f"{n!r} is a {type(m).__name__}")
-            if r > min(m.weight.shape):
-                raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} needs r <= min(in, out); {n!r} has "
-                                  f"shape {tuple(m.weight.shape)} and r={r}")
-        targets.append(Target(n, kind, r, alpha, scaling(r, alpha, cfg.use_rslora)))
 
-    names = [t.name for t in targets]
+def _target(n: str, m: nn.Module, cfg: LoraConfig) -> Target:
+    """One matched module as a Target, with its rank and alpha from the patterns; refuses what cannot be adapted."""
+    kind = layer_kind(m)
+    if kind is None:
+        raise _unsupported(n, m)
+    if kind == "conv" and (m.groups != 1 or m.padding_mode != "zeros" or any(d != 1 for d in m.dilation)):
+        raise ConfigError(f"target module {n!r} is a {type(m).__name__} with groups={m.groups}, "
+                          f"dilation={m.dilation}, padding_mode={m.padding_mode!r}; lorafit adapts convolutions "
+                          "with groups=1, dilation=1 and zero padding only")
+    r = cfg.rank_pattern[k] if (k := pattern_key(cfg.rank_pattern, n)) is not None else cfg.r
+    alpha = cfg.alpha_pattern[k] if (k := pattern_key(cfg.alpha_pattern, n)) is not None else cfg.lora_alpha
+    if cfg.init_lora_weights in ("pissa", "olora"):
+        if kind not in ("linear", "linear_t"):
+            raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} supports linear layers only; "
+                              f"{n!r} is a {type(m).__name__}")
+        if r > min(m.weight.shape):
+            raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} needs r <= min(in, out); {n!r} has "
+                              f"shape {tuple(m.weight.shape)} and r={r}")
+    return Target(n, kind, r, alpha, scaling(r, alpha, cfg.use_rslora))
+
+
+def _warn_unused_patterns(cfg: LoraConfig, names: list[str]) -> None:
     for field, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
         for key in patterns:
             if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
                 warnings.warn(f"{field} key {key!r} matches none of the {len(names)} targeted modules; it has no "
-                              "effect", stacklevel=3)
+                              "effect", stacklevel=4)
+
+
+def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list[Target]:
+    """The modules ``cfg`` adapts in ``model``, in model order, with per-module rank, alpha and scaling.
+
+    One matcher per kind of ``target_modules``: "all-linear", a regex (``re.fullmatch`` on the full name), or a
+    list of names (suffix match at a dot). ``strict=False`` (reading a saved adapter) accepts target entries that
+    only excluded modules match, as PEFT writes "all-linear" expanded to names before applying exclude_modules.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    all_names = [n for n, _ in named]
+    spec = _default_spec(model) if cfg.target_modules is None else cfg.target_modules
+    saved = modules_to_save(model, cfg)
+    in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
+    candidates = [(n, m) for n, m in named
+                  if not (cfg.exclude_modules and spec_matches(n, cfg.exclude_modules)) and not in_saved(n)]
+    if isinstance(spec, str) and spec.lower() == "all-linear":
+        matched = _match_all_linear(model, candidates)
+    elif isinstance(spec, str):
+        matched = _match_regex(spec, candidates, all_names)
+    else:
+        matched = _match_names(spec, cfg, candidates, all_names, strict)
+    targets = [_target(n, m, cfg) for n, m in matched]
+    _warn_unused_patterns(cfg, [t.name for t in targets])
     return targets

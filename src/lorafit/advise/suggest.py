@@ -1,0 +1,364 @@
+"""`lorafit suggest`: a LoRA configuration from the rules of thumb, checked against the memory estimate of `plan`.
+
+The rules (the design note behind lorafit, with the papers that motivate them):
+
+    simple task        r = 4-8, the default alpha            LoRA §7.2: r = 1-8 already suffices on GPT-3
+    complex task       r = 16-64, or DoRA at a lower rank    DoRA (Liu et al. 2024): its gain is largest at low r
+    memory-constrained attention query and value only        LoRA §7.1, Table 5: W_q, W_v is the best single pair
+    best quality       all linear layers at moderate rank    QLoRA §4 (Dettmers et al. 2023): all layers are needed
+
+``suggest`` picks the preferred configuration for (complexity, goal), then shrinks it until it fits the budgets:
+fewer targets (all-linear -> q, v), a lower rank, gradient checkpointing, a smaller micro-batch (gradient
+accumulation keeps the effective batch). When nothing fits, ``fits`` is False and the last reason says why.
+
+Modules are found by structure and name, so any transformers model works (``attention_roles``).
+
+Papers: LoRA https://arxiv.org/abs/2106.09685, DoRA https://arxiv.org/abs/2402.09353,
+QLoRA https://arxiv.org/abs/2305.14314.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..layers import layer_kind
+from .plan import MemoryEstimate, adapter_parameters, estimate_memory
+from ..targets import output_layer_names, select_targets
+
+COMPLEXITIES = ("simple", "complex")
+GOALS = ("quality", "efficiency")
+
+# (complexity, goal) -> preferred targets and rank; the lowest rank the rule allows before it is broken.
+RULES = {
+    ("simple", "efficiency"): dict(targets="qv", r=4, r_min=4),
+    ("simple", "quality"): dict(targets="all-linear", r=8, r_min=4),
+    ("complex", "efficiency"): dict(targets="qv", r=16, r_min=16),
+    ("complex", "quality"): dict(targets="all-linear", r=32, r_min=16),
+}
+DEFAULT_ALPHA = 8  # PEFT's default lora_alpha; LoRA §4.1 sets alpha once and does not tune it
+
+# --- which module does what --------------------------------------------------------------------------------
+
+_ATTN_SCOPE = re.compile(r"attn|attention", re.IGNORECASE)
+_QUERY = re.compile(r"^(q|q_proj|query|q_lin|wq|to_q|query_proj)$", re.IGNORECASE)
+_VALUE = re.compile(r"^(v|v_proj|value|v_lin|wv|to_v|value_proj)$", re.IGNORECASE)
+_FUSED = re.compile(r"^(c_attn|qkv|qkv_proj|query_key_value|wqkv|w_pack|in_proj)$", re.IGNORECASE)
+
+
+@dataclass
+class Roles:
+    """Full names of the linear layers of a model by role (the output layer is in none of them)."""
+
+    query: list[str] = field(default_factory=list)
+    value: list[str] = field(default_factory=list)
+    fused_qkv: list[str] = field(default_factory=list)  # one projection computing q, k and v (GPT-2's c_attn)
+    attention: list[str] = field(default_factory=list)  # every linear inside attention (q, k, v, o, fused)
+    mlp: list[str] = field(default_factory=list)  # every other linear layer: MLP / feed-forward (and poolers)
+
+    @property
+    def qv(self) -> list[str]:
+        """The query and value projections, or the fused qkv projections that contain them."""
+        return self.query + self.value + self.fused_qkv
+
+
+def _in_attention(model: nn.Module, name: str) -> bool:
+    """Inside attention: a path segment says so (attn, attention) or an ancestor's class is an *Attention*."""
+    parts = name.split(".")
+    if any(_ATTN_SCOPE.search(p) for p in parts[:-1]):
+        return True
+    for i in range(1, len(parts)):
+        if "Attention" in type(model.get_submodule(".".join(parts[:i]))).__name__:
+            return True
+    return False
+
+
+def attention_roles(model: nn.Module) -> Roles:
+    """Classify every nn.Linear / Conv1D (but the output layer) as query, value, fused qkv, other attention or MLP.
+
+    Names decide first (q_proj, query, c_attn, query_key_value, ...). An attention block whose linears carry no
+    known names falls back to structure: with four linears (registration order q, k, v, o, as every transformers
+    implementation) the first is the query and the third the value; with two, the first is a fused qkv.
+    """
+    heads = output_layer_names(model)
+    linears = [n for n, m in model.named_modules() if n and n not in heads and layer_kind(m) in ("linear", "linear_t")]
+    roles = Roles()
+    blocks: dict[str, list[str]] = {}
+    for n in linears:
+        if not _in_attention(model, n):
+            roles.mlp.append(n)
+            continue
+        roles.attention.append(n)
+        blocks.setdefault(n.rpartition(".")[0], []).append(n)
+    for parent, names in blocks.items():
+        leaf = {n: n.rpartition(".")[2] for n in names}
+        q = [n for n in names if _QUERY.match(leaf[n])]
+        v = [n for n in names if _VALUE.match(leaf[n])]
+        fused = [n for n in names if _FUSED.match(leaf[n])]
+        if not (q or v or fused):
+            if len(names) == 4:
+                q, v = [names[0]], [names[2]]
+            elif len(names) == 2:
+                fused = [names[0]]
+        roles.query += q
+        roles.value += v
+        roles.fused_qkv += fused
+    return roles
+
+
+def minimal_names(model: nn.Module, wanted: list[str]) -> list[str]:
+    """The shortest target_modules list (dot-suffix entries, PEFT's list rule) that selects exactly ``wanted``."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    wanted_set = set(wanted)
+    entries: list[str] = []
+    for n in wanted:
+        parts = n.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            hits = {m for m in all_names if m == suffix or m.endswith("." + suffix)}
+            if hits <= wanted_set:
+                if suffix not in entries:
+                    entries.append(suffix)
+                break
+    return entries
+
+
+def target_spec(model: nn.Module, which: str, roles: Optional[Roles] = None) -> Union[str, list[str]]:
+    """target_modules for a named set: "qv", "attention", "mlp" or "all-linear"."""
+    if which == "all-linear":
+        return "all-linear"
+    roles = roles or attention_roles(model)
+    names = {"qv": roles.qv, "attention": roles.attention, "mlp": roles.mlp}.get(which)
+    if names is None:
+        raise ConfigError(f"unknown target set {which!r}; expected qv, attention, mlp or all-linear")
+    if not names:
+        raise ConfigError(f"found no {which} linear layers in {type(model).__name__}; name the target modules "
+                          "yourself (e.g. target_modules=['q_proj', 'v_proj'])")
+    return minimal_names(model, names)
+
+
+# --- sizes -------------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: Union[int, float, str, None]) -> Optional[int]:
+    """Bytes from an int or a string like "8GB", "512MiB", "1.5G". GB and GiB both mean 2**30 (how device memory
+    is sold and reported: an "8 GB" GPU holds 8 GiB)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"memory budget {value!r} is not a size; write e.g. 8GB, 512MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_count(value: Union[int, str, None]) -> Optional[int]:
+    """A parameter count from an int or a string like "2M", "500k", "1.5e6"."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbB]?)\s*", str(value))
+    try:
+        n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()] if m else None
+    except ValueError:
+        n = None
+    if n is None or n <= 0:
+        raise ConfigError(f"parameter budget {value!r} is not a count; write e.g. 500k, 2M or 1500000")
+    return int(n)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+# --- the suggestion ----------------------------------------------------------------------------------------
+
+@dataclass
+class Suggestion:
+    """A LoRA config, one line of reasoning per choice, and whether it fits the budgets."""
+
+    config: LoraConfig
+    reasons: list[str]
+    fits: bool
+    estimate: MemoryEstimate  # lorafit plan's peak-memory estimate for ``train`` settings
+    trainable: int  # adapter parameters
+    train: dict = field(default_factory=dict)  # TrainConfig settings the fit depends on (batch, checkpointing)
+
+    def to_yaml_dict(self) -> dict:
+        """A ``lorafit train --config`` mapping: the training settings and the LoRA fields under ``lora:``."""
+        return {**self.train, "lora": lora_yaml(self.config)}
+
+
+def lora_yaml(cfg: LoraConfig) -> dict:
+    """The LoRA fields that differ from LoraConfig's defaults (r, alpha and targets always), for a YAML file."""
+    defaults = LoraConfig()
+    d = cfg.to_dict()
+    keep = {"r", "lora_alpha", "target_modules"}
+    return {k: v for k, v in d.items() if k in keep or v != getattr(defaults, k)}
+
+
+def _count(model: nn.Module, cfg: LoraConfig) -> int:
+    return sum(adapter_parameters(model, select_targets(model, cfg), cfg.use_dora).values())
+
+
+@dataclass
+class _Fit:
+    """A candidate configuration as the budgets shape it: targets ("qv" | "all-linear" | ...), rank, and the
+    training settings that change its memory (checkpointing, micro-batch, accumulation)."""
+
+    model: nn.Module
+    roles: Roles
+    complexity: str
+    max_length: int
+    runtime: Optional[int]
+    targets: str
+    r: int
+    batch: int
+    gc: bool = False
+    accum: int = 1
+    targets_why: str = ""
+    notes: list[str] = field(default_factory=list)  # what the budgets changed, in order
+
+    def config(self) -> LoraConfig:
+        spec = target_spec(self.model, self.targets, self.roles)
+        alpha = DEFAULT_ALPHA if self.complexity == "simple" else 2 * self.r
+        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank
+        return LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
+                          use_dora=self.complexity == "complex" and self.r < 16)
+
+    def size(self) -> tuple[int, MemoryEstimate]:
+        n = _count(self.model, self.config())
+        return n, estimate_memory(self.model, n, self.batch, self.max_length, self.gc, self.runtime)
+
+    def ok(self, n_budget: Optional[int], mem_budget: Optional[int]) -> bool:
+        n, mem = self.size()
+        return (n_budget is None or n <= n_budget) and (mem_budget is None or mem.total <= mem_budget)
+
+
+def _fit_params(fit: _Fit, rule: dict, n_budget: int) -> None:
+    """Parameter budget: rank down to the rule's floor, then q,v only, then below the floor."""
+    while fit.size()[0] > n_budget:
+        if fit.r > rule["r_min"]:
+            fit.r //= 2
+        elif fit.targets != "qv" and fit.roles.qv:
+            fit.targets, fit.r = "qv", rule["r"]
+            fit.targets_why = f"the parameter budget ({n_budget:,}) rules out all linear layers"
+        elif fit.r > 1:
+            fit.r //= 2
+        else:
+            break
+
+
+def _fit_memory(fit: _Fit, rule: dict, n_budget: Optional[int], mem_budget: int, batch_size: int) -> None:
+    """Memory budget: the note's memory-constrained rule (q, v only), a lower rank, checkpointing, smaller batch."""
+    if fit.ok(n_budget, mem_budget):
+        return
+    if fit.targets != "qv" and fit.roles.qv:
+        fit.targets = "qv"
+        fit.targets_why = f"memory-constrained ({_gib(mem_budget)} budget)"
+    while not fit.ok(n_budget, mem_budget) and fit.r > rule["r_min"]:
+        fit.r //= 2
+    if not fit.ok(n_budget, mem_budget):
+        fit.gc = True
+        fit.notes.append("gradient_checkpointing: on, keeping one activation per layer instead of ~20 (recomputed "
+                         "in backward, ~30% slower)")
+    while not fit.ok(n_budget, mem_budget) and fit.batch > 1:
+        fit.batch //= 2
+        fit.accum = batch_size // fit.batch
+    if fit.batch != batch_size:
+        fit.notes.append(f"batch_size={fit.batch}, grad_accum={fit.accum}: a smaller micro-batch holds fewer "
+                         f"activations; accumulation keeps the effective batch of {fit.batch * fit.accum}")
+
+
+def _choice_reasons(fit: _Fit, cfg: LoraConfig, goal: str) -> list[str]:
+    """One line per choice (targets, rank, alpha, DoRA) with the rule and the paper behind it."""
+    names = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules)
+    n_modules, r = len(select_targets(fit.model, cfg)), fit.r
+    if fit.targets == "all-linear":
+        out = [f"target_modules=all-linear ({n_modules} layers): goal {goal}; the best quality comes from "
+               "adapting every linear layer at moderate rank (QLoRA §4)"]
+    else:
+        out = [f"target_modules={names} ({n_modules} layers): {fit.targets_why}; attention query and value are "
+               "the best single pair under a fixed parameter budget (LoRA §7.1, Table 5)"]
+    if fit.complexity == "simple":
+        return out + [f"r={r}: a simple task needs little capacity (rule: r=4-8; LoRA §7.2 finds r=1-8 enough)",
+                      f"lora_alpha={cfg.lora_alpha:g}: the default alpha, set once and not tuned (LoRA §4.1); "
+                      f"scaling alpha/r = {cfg.lora_alpha / r:g}"]
+    out += [f"r={r}: a complex task needs capacity (rule: r=16-64)" + (f"; the budget allows only r={r}" if r < 16
+                                                                        else ""),
+            f"lora_alpha={cfg.lora_alpha:g}: alpha = 2r keeps the scaling alpha/r = 2 of lorafit's default "
+            "(r=8, alpha=16), so the learning rate need not change with r"]
+    if cfg.use_dora:
+        out.append("use_dora=true: below r=16 DoRA's learned magnitude recovers most of the quality a "
+                   "complex task loses (DoRA's gain over LoRA is largest at low rank)")
+    return out
+
+
+def _budget_reason(fit: _Fit, n: int, mem: MemoryEstimate, fits: bool, n_budget: Optional[int],
+                   mem_budget: Optional[int]) -> str:
+    """The line that says whether the config fits the budgets, and what would be needed when nothing does."""
+    checks = []
+    if n_budget is not None:
+        checks.append(f"{n:,} adapter parameters {'<=' if n <= n_budget else '>'} budget {n_budget:,}")
+    if mem_budget is not None:
+        checks.append(f"peak training memory ~{_gib(mem.total)} {'<=' if mem.total <= mem_budget else '>'} budget "
+                      f"{_gib(mem_budget)} (lorafit plan's estimate, batch {fit.batch} x {fit.max_length} tokens)")
+    if fits:
+        return ("fits: " + "; ".join(checks) if checks else
+                f"no budget given: {n:,} adapter parameters, peak training memory ~{_gib(mem.total)} "
+                f"(batch {fit.batch} x {fit.max_length} tokens)")
+    floor = estimate_memory(fit.model, 0, 1, fit.max_length, True, fit.runtime).total
+    return ("NOTHING FITS: even the smallest configuration tried misses the budget: " + "; ".join(checks)
+            + (f"; the base weights and runtime alone need ~{_gib(floor)} at batch 1 with checkpointing"
+               if mem_budget is not None and floor > mem_budget else "")
+            + ". Raise the budget, shorten max_length, or use a smaller model / lower-precision weights")
+
+
+def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_budget: Union[int, str, None] = None,
+            param_budget: Union[int, str, None] = None, goal: str = "quality", batch_size: int = 8,
+            max_length: int = 256, runtime: Optional[int] = None) -> Suggestion:
+    """The LoRA configuration the rules of thumb give for ``model`` and the task, within the budgets.
+
+    Args:
+        model: the model; it may live on the meta device (only shapes are read).
+        complexity: "simple" | "complex"; None means unknown, treated as simple (``lorafit probe`` measures it).
+        memory_budget: bytes or a size string ("8GB"), compared with ``lorafit plan``'s peak training estimate for
+            ``batch_size`` x ``max_length`` tokens.
+        param_budget: most adapter parameters (a number or "500k").
+        goal: "quality" (all linear layers) or "efficiency" (q, v only).
+        batch_size, max_length: the training batch the memory check assumes.
+        runtime: the process baseline in bytes (default this process's peak RSS, as ``plan``).
+    """
+    if complexity is not None and complexity not in COMPLEXITIES:
+        raise ConfigError(f"complexity={complexity!r} is invalid: expected simple or complex")
+    if goal not in GOALS:
+        raise ConfigError(f"goal={goal!r} is invalid: expected quality or efficiency")
+    mem_budget, n_budget = parse_bytes(memory_budget), parse_count(param_budget)
+    roles = attention_roles(model)
+    reasons = [] if complexity is not None else \
+        ["complexity: not given, assumed simple; `lorafit probe` measures it from the data"]
+    complexity = complexity or "simple"
+    rule = RULES[(complexity, goal)]
+    targets = rule["targets"] if rule["targets"] != "qv" or roles.qv else "all-linear"  # no attention: all linear
+    fit = _Fit(model, roles, complexity, max_length, runtime, targets, rule["r"], batch_size,
+               targets_why=f"goal {goal}")
+    if n_budget is not None:
+        _fit_params(fit, rule, n_budget)
+    if mem_budget is not None:
+        _fit_memory(fit, rule, n_budget, mem_budget, batch_size)
+    cfg = fit.config()
+    n, mem = fit.size()
+    fits = (n_budget is None or n <= n_budget) and (mem_budget is None or mem.total <= mem_budget)
+    reasons += _choice_reasons(fit, cfg, goal) + fit.notes + [_budget_reason(fit, n, mem, fits, n_budget, mem_budget)]
+    train = {"batch_size": fit.batch, "max_length": max_length}
+    if fit.accum > 1:
+        train["grad_accum"] = fit.accum
+    if fit.gc:
+        train["gradient_checkpointing"] = True
+    return Suggestion(cfg, reasons, fits, mem, n, train)

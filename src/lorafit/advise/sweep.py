@@ -1,0 +1,245 @@
+"""`lorafit sweep`: train a grid of LoRA configurations for the same step budget and compare them.
+
+Each grid point is one ``lorafit.train.run`` in its own folder ``<output>/<point>/``; a point whose folder holds a
+finished ``trainer_state.json`` is read back, never retrained, so an interrupted sweep continues where it stopped.
+The results are ``results.csv``, ``results.md`` and ``pareto.png``: eval loss against trainable parameters, with the
+Pareto front (no other point has both fewer parameters and a lower loss) and the suggested / probed points marked.
+
+Grid syntax: ``"r=4,8,16;targets=qv,all-linear;variant=lora,dora"`` (the product of all values). Keys:
+``r`` (ranks), ``targets`` (qv | attention | mlp | all-linear | module names joined by '+'), ``variant``
+(lora | dora | rslora), ``alpha`` (numbers, or ``2r``: alpha = 2·r, the default, so the scaling alpha/r = 2 of
+lorafit's default r=8, alpha=16 holds at every rank and one learning rate serves the whole grid).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from ..config import LoraConfig
+from ..errors import ConfigError
+
+GRID_KEYS = ("r", "targets", "variant", "alpha")
+VARIANTS = ("lora", "dora", "rslora")
+
+
+def parse_grid(spec: str) -> list[dict]:
+    """The grid points of a spec like "r=4,8;targets=qv,all-linear;variant=lora,dora", in product order."""
+    axes: dict[str, list] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, sep, values = part.partition("=")
+        key = key.strip()
+        if not sep or key not in GRID_KEYS:
+            raise ConfigError(f"grid entry {part!r} is invalid: expected key=v1,v2 with key one of "
+                              f"{', '.join(GRID_KEYS)} (e.g. r=4,8,16)")
+        if key in axes:
+            raise ConfigError(f"grid key {key!r} is given twice")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"grid key {key!r} has no values")
+        axes[key] = [_grid_value(key, v) for v in items]
+    if not axes:
+        raise ConfigError(f"grid {spec!r} is empty; write e.g. 'r=4,8,16;targets=qv,all-linear'")
+    axes.setdefault("r", [8])
+    axes.setdefault("targets", ["qv"])
+    axes.setdefault("variant", ["lora"])
+    axes.setdefault("alpha", ["2r"])
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _grid_value(key: str, value: str):
+    if key == "r":
+        if not value.isdigit() or int(value) <= 0:
+            raise ConfigError(f"grid r={value!r} is invalid: expected positive integers, e.g. r=4,8,16")
+        return int(value)
+    if key == "variant":
+        if value not in VARIANTS:
+            raise ConfigError(f"grid variant={value!r} is invalid: expected {', '.join(VARIANTS)}")
+        return value
+    if key == "alpha":
+        if value == "2r":
+            return value
+        try:
+            alpha = float(value)
+        except ValueError:
+            alpha = -1.0
+        if alpha <= 0:
+            raise ConfigError(f"grid alpha={value!r} is invalid: expected positive numbers or 2r")
+        return alpha
+    return value  # targets: resolved against the model by point_config
+
+
+def point_name(point: dict) -> str:
+    """A folder name for a grid point, e.g. "r8-qv-lora" (alpha added when not the default 2r)."""
+    targets = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(point["targets"]))
+    alpha = "" if point["alpha"] == "2r" else f"-a{point['alpha']:g}"
+    return f"r{point['r']}-{targets}-{point['variant']}{alpha}"
+
+
+def point_config(model, point: dict) -> LoraConfig:
+    """The LoraConfig of a grid point for ``model`` (targets found by structure, see lorafit.suggest)."""
+    from .suggest import target_spec
+
+    targets = point["targets"]
+    spec = targets.split("+") if "+" in targets or targets not in ("qv", "attention", "mlp", "all-linear") \
+        else target_spec(model, targets)
+    r = point["r"]
+    alpha = 2 * r if point["alpha"] == "2r" else point["alpha"]
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=spec, use_dora=point["variant"] == "dora",
+                      use_rslora=point["variant"] == "rslora")
+
+
+# --- running ---------------------------------------------------------------------------------------------
+
+def _finished(folder: Path) -> Optional[dict]:
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        summary = json.loads(state.read_text())
+    except json.JSONDecodeError:
+        return None
+    return summary if summary.get("finished") else None
+
+
+def _check_same(folder: Path, cfg) -> None:
+    """A folder that already holds a run must hold this point's run, or the sweep would mix two experiments."""
+    import yaml
+
+    saved_file = folder / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    want = cfg.to_dict()
+    diff = sorted(k for k in want if k != "output" and saved.get(k) != want[k])
+    if diff:
+        raise ConfigError(f"{folder} holds a run with different settings ({', '.join(diff)}); use another --output "
+                          "for a different sweep")
+
+
+def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, quiet: bool = True, say=print) -> dict:
+    """Train one point in ``out/name`` (or read it back when finished) and return its result row."""
+    from ..train import TrainConfig, run
+
+    folder = out / name
+    cfg = TrainConfig.from_dict({**settings, "output": str(folder), "lora": lora.to_dict()})
+    _check_same(folder, cfg)
+    summary = _finished(folder)
+    if summary is None:
+        say(f"[{name}] training {cfg.steps} steps: r={lora.r}, targets {_targets_text(lora)}, {_variant(lora)}")
+        summary = run(cfg, resume=folder.exists(), quiet=quiet)
+    else:
+        say(f"[{name}] finished earlier: read back")
+    after, before = summary.get("after", {}), summary.get("before", {})
+    return {"name": name, "r": lora.r, "targets": _targets_text(lora), "variant": _variant(lora),
+            "trainable": summary["trainable"], "eval_loss": after.get("eval_loss"),
+            "eval_accuracy": after.get("eval_accuracy"), "eval_loss_before": before.get("eval_loss"),
+            "wall_time_s": summary.get("wall_time_s")}
+
+
+def _targets_text(lora: LoraConfig) -> str:
+    t = lora.target_modules
+    if isinstance(t, str):
+        return t
+    if lora.rank_pattern or len(t) > 6:
+        return f"{len(t)} modules" + (f", r {min([lora.r, *lora.rank_pattern.values()])}-"
+                                      f"{max([lora.r, *lora.rank_pattern.values()])}" if lora.rank_pattern else "")
+    return "+".join(t)
+
+
+def _variant(lora: LoraConfig) -> str:
+    return "dora" if lora.use_dora else "rslora" if lora.use_rslora else "lora"
+
+
+def pareto_front(rows: list[dict]) -> set[str]:
+    """Names of the points no other point beats on both trainable parameters (fewer) and eval loss (lower)."""
+    front, best = set(), float("inf")
+    for row in sorted((r for r in rows if r["eval_loss"] is not None), key=lambda r: (r["trainable"], r["eval_loss"])):
+        if row["eval_loss"] < best:
+            front.add(row["name"])
+            best = row["eval_loss"]
+    return front
+
+
+def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, marked: Optional[dict[str, str]] = None,
+          quiet: bool = True, say=print) -> list[dict]:
+    """Train (or read back) every point, then write results.csv, results.md and pareto.png into ``out``.
+
+    ``settings``: TrainConfig fields shared by all points (model, data, steps, lr, ...). ``marked``: point name ->
+    label ("suggested", "probed") shown in the table and the plot.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marked = marked or {}
+    rows = [run_point(name, cfg, settings, out, quiet, say) for name, cfg in points.items()]
+    front = pareto_front(rows)
+    for row in rows:
+        row["pareto"] = row["name"] in front
+        row["mark"] = marked.get(row["name"], "")
+    write_results(rows, out)
+    plot_pareto(rows, out / "pareto.png", title=f"lorafit sweep: {settings.get('steps')} steps each")
+    return rows
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("name", "mark", "r", "targets", "variant", "trainable", "eval_loss", "eval_accuracy", "eval_loss_before",
+           "pareto", "wall_time_s")
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table, best eval loss first."""
+    lines = ["| point | r | targets | variant | trainable | eval loss | accuracy | Pareto |",
+             "|---|---:|---|---|---:|---:|---:|:---:|"]
+    for row in sorted(rows, key=lambda r: (r["eval_loss"] is None, r["eval_loss"] or 0.0)):
+        acc = f"{row['eval_accuracy']:.3f}" if row.get("eval_accuracy") is not None else "-"
+        name = row["name"] + (f" ({row['mark']})" if row.get("mark") else "")
+        lines.append(f"| {name} | {row['r']} | {row['targets']} | {row['variant']} | {row['trainable']:,} | "
+                     f"{row['eval_loss']:.4f} | {acc} | {'yes' if row.get('pareto') else ''} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(results_markdown(rows) + "\n")
+
+
+def plot_pareto(rows: list[dict], path: Path, title: str = "lorafit sweep") -> Path:
+    """Eval loss against trainable parameters (log scale), the Pareto front as a step line, marked points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["eval_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([r["trainable"] for r in done], [r["eval_loss"] for r in done], s=28, color="#2a7ab0", zorder=3,
+               label="grid point")
+    front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["trainable"])
+    if front:
+        ax.step([r["trainable"] for r in front], [r["eval_loss"] for r in front], where="post", color="#d62728",
+                lw=1.5, label="Pareto front", zorder=2)
+    styles = {"suggested": ("*", "#ff7f0e", 260), "probed": ("D", "#2ca02c", 110)}
+    for r in done:
+        ax.annotate(r["name"], (r["trainable"], r["eval_loss"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+        if r.get("mark") in styles:
+            marker, color, size = styles[r["mark"]]
+            ax.scatter([r["trainable"]], [r["eval_loss"]], marker=marker, s=size, color=color, zorder=4,
+                       edgecolor="k", label=r["mark"])
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters", ylabel="eval loss", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

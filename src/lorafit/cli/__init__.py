@@ -1,0 +1,55 @@
+"""Command-line interface: a thin layer over lorafit's public functions, one module per command group.
+
+    lorafit train [--model DIR --data FILE --output DIR --config lora.yaml ...]   fine-tune (no args: the demo)
+    lorafit plan --model DIR [--config lora.yaml]                                  what a config adapts and costs
+    lorafit merge --model DIR --adapter DIR --output DIR                           write a merged checkpoint
+    lorafit inspect ADAPTER_DIR                                                    what an adapter holds
+    lorafit suggest | probe | sweep                                                how to configure LoRA
+
+Exit codes: 0 success, 2 bad usage or input (nothing written), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import AdapterError, ConfigError, DataError, TrainingError
+from . import adapter, advise, train
+from .common import require
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning that is exact to PEFT and tells "
+                                     "you how to configure it. Exit codes: 0 ok, 2 bad input, 1 runtime failure.")
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train.add_parser(sub)
+    adapter.add_parsers(sub)
+    advise.add_parsers(sub)  # suggest, probe, sweep
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        require(args.command, args.needs)
+        return args.func(args)
+    except (ConfigError, DataError, AdapterError) as e:
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorafit: interrupted", file=sys.stderr)
+        return 130
+    except (TrainingError, RuntimeError, OSError) as e:  # the one place that turns failures into an exit code
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`lorafit plan`, `lorafit merge` and `lorafit inspect`: what a config costs, folding an adapter in, and what an
+adapter holds."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import LoraConfig
+from ..train.config import TrainConfig, default_lora
+from .common import positive_int, read_yaml, target_modules_arg
+
+
+def _default(name: str):
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..advise.plan import plan_report
+
+    settings = read_yaml(args.config) if args.config else {}
+    lora = {**default_lora().to_dict(), **(settings.get("lora") or {})}
+    for field, value in (("r", args.rank), ("target_modules", args.target_modules), ("use_dora", args.use_dora or None)):
+        if value is not None:
+            lora[field] = value
+
+    def pick(name: str):
+        value = getattr(args, name)
+        return value if value is not None else settings.get(name, _default(name))
+
+    print(plan_report(args.model, LoraConfig.from_dict(lora), batch_size=pick("batch_size"),
+                      max_length=pick("max_length"), dtype=pick("dtype"),
+                      gradient_checkpointing=args.gradient_checkpointing or settings.get("gradient_checkpointing", False),
+                      as_json=args.json))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..hf import merge_checkpoint
+
+    merge_checkpoint(args.model, args.adapter, args.output)
+    print(f"merged checkpoint written to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..advise.inspect import inspect_report
+
+    print(inspect_report(args.adapter))
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="show what a LoRA config adapts and what training will cost, without training")
+    p.add_argument("--model", required=True, help="local transformers model folder")
+    p.add_argument("--config", help="YAML with a 'lora:' section (as for train)")
+    p.add_argument("--rank", type=positive_int, help="LoRA rank r (default: 8 or the config's)")
+    p.add_argument("--target-modules", type=target_modules_arg, help="names, regex or all-linear "
+                   "(default: q_proj,v_proj or the config's)")
+    p.add_argument("--use-dora", action="store_true", help="plan a DoRA adapter (default: off)")
+    p.add_argument("--batch-size", type=positive_int, help="examples per micro-batch (default: 8 or the config's)")
+    p.add_argument("--max-length", type=positive_int, help="tokens per example (default: 256 or the config's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="base weights dtype (default: float32 or the config's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation recomputation "
+                   "(default: off)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
+    p.set_defaults(func=cmd_plan, needs=("transformers", "yaml"))
+
+
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into its base model and write a transformers checkpoint")
+    p.add_argument("--model", required=True, help="the base model folder")
+    p.add_argument("--adapter", required=True, help="the adapter folder (lorafit or PEFT)")
+    p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
+    p.set_defaults(func=cmd_merge, needs=("transformers",))
+
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show an adapter's config, ranks, sizes and which layers moved most")
+    p.add_argument("adapter", help="adapter folder (lorafit or PEFT)")
+    p.set_defaults(func=cmd_inspect, needs=())
+
+
+def add_parsers(sub) -> None:
+    add_plan_parser(sub)
+    add_merge_parser(sub)
+    add_inspect_parser(sub)

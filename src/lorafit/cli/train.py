@@ -1,0 +1,113 @@
+"""`lorafit train`: flags generated from TrainConfig's fields (and six LoraConfig fields), merged over the
+defaults and a --config YAML, then one call of ``lorafit.train.run``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..config import LoraConfig
+from ..demo.task import DEFAULT_JOB
+from ..errors import ConfigError
+from ..train.config import SWITCH, TrainConfig, default_lora, describe, settings, shown
+from .common import RUN_NEEDS, int_at_least, read_yaml, target_modules_arg
+
+# flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
+LORA_FLAGS = {"--rank": ("r", int_at_least(1)), "--lora-alpha": ("lora_alpha", float),
+              "--lora-dropout": ("lora_dropout", float), "--target-modules": ("target_modules", target_modules_arg),
+              "--use-dora": ("use_dora", None), "--use-rslora": ("use_rslora", None)}
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _dest(field: str) -> str:
+    return field.replace(".", "__")
+
+
+def _flag_type(check):
+    return int_at_least(check.low) if check.base is int else check.base
+
+
+def _lora_help(name: str) -> str:
+    f = next(f for f in dataclasses.fields(LoraConfig) if f.name == name)
+    return f"{f.metadata['help']} (default: {shown(getattr(default_lora(), name))})"
+
+
+def train_flags() -> list[tuple[str, str, dict]]:
+    """(flag, "field" or "lora.field", argparse keyword arguments) for every setting of ``lorafit train``."""
+    out = []
+    for f in settings():
+        check = f.metadata["check"]
+        kw = dict(action=argparse.BooleanOptionalAction) if check is SWITCH else dict(type=_flag_type(check))
+        out.append((flag_name(f.name), f.name, dict(kw, help=describe(f, DEFAULT_JOB))))
+    for flag, (name, typ) in LORA_FLAGS.items():
+        kw = dict(action="store_const", const=True) if typ is None else dict(type=typ)
+        out.append((flag, "lora." + name, dict(kw, help=_lora_help(name))))
+    return out
+
+
+def flag_table() -> str:
+    """The README's table of `lorafit train` flags, generated from the same fields as --help."""
+    rows = ["| flag | setting |", "|---|---|"]
+    for flag, _, kw in train_flags():
+        shown = f"{flag}, --no-{flag[2:]}" if kw.get("action") is argparse.BooleanOptionalAction else flag
+        rows.append(f"| `{shown}` | {kw['help'].replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a causal LM with LoRA (no arguments: the SmolLM2 sentiment demo)",
+                       description="Fine-tune a causal LM with LoRA. Settings come from the defaults, then --config "
+                                   "(YAML; LoRA fields under 'lora:'), then flags.")
+    p.add_argument("--config", help="YAML file of settings (keys: the flag names with underscores)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint "
+                   "(its config.yaml is used; a finished run does nothing)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, log lines only (default: off)")
+    for flag, field, kw in train_flags():
+        p.add_argument(flag, dest=_dest(field), default=None, **kw)
+    p.set_defaults(func=cmd_train, needs=RUN_NEEDS)
+
+
+def given_flags(args: argparse.Namespace) -> dict:
+    """{"field" or "lora.field": value} of the flags given on the command line."""
+    return {field: getattr(args, _dest(field)) for _, field, _ in train_flags()
+            if getattr(args, _dest(field)) is not None}
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig fields: TrainConfig's defaults <- the demo job's (when no model/data is given) <- YAML <- flags."""
+    yaml_cfg = read_yaml(args.config) if args.config else {}
+    if "lora" in yaml_cfg and not isinstance(yaml_cfg["lora"], dict):
+        raise ConfigError("'lora:' in the config file must be a mapping of LoraConfig fields")
+    given = given_flags(args)
+    demo = not any(k in yaml_cfg or k in given for k in ("model", "data"))
+    settings_: dict = {**(DEFAULT_JOB if demo else {}), **{k: v for k, v in yaml_cfg.items() if k != "lora"}}
+    lora = {**default_lora().to_dict(), **yaml_cfg.get("lora", {})}
+    for field, value in given.items():
+        if field.startswith("lora."):
+            lora[field[5:]] = value
+        else:
+            settings_[field] = value
+    settings_["lora"] = lora
+    return settings_
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..train import run
+
+    if args.resume:
+        extra = [flag for flag, field, _ in train_flags() if getattr(args, _dest(field)) is not None]
+        if extra or args.config:
+            raise ConfigError(f"--resume continues the saved config.yaml; drop {(extra or ['--config'])[0]}")
+        folder = Path(args.resume)
+        if not (folder / "config.yaml").is_file():
+            raise ConfigError(f"--resume {folder}: no config.yaml there; is it a lorafit run folder?")
+        cfg = TrainConfig.from_dict(read_yaml(str(folder / "config.yaml")))
+        cfg.output = str(folder)
+        run(cfg, resume=True, quiet=args.quiet)
+        return 0
+    run(TrainConfig.from_dict(train_settings(args)), quiet=args.quiet)
+    return 0

@@ -1,0 +1,156 @@
+"""TrainConfig: every setting of a training run, defined once.
+
+Each field carries its default, its help text and its check (``setting(...)``); validation runs the checks as a
+table, the CLI generates its flags from the fields, and ``flag_table()`` renders the README's table, so the three
+cannot drift. ``config.yaml`` in a run folder is this dataclass (``lorafit train --config`` takes it back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..hf import DTYPES
+
+SCHEDULES = ("cosine", "linear", "constant")
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a setting accepts: ``ok(value)``, the words for it, and the type its flag's text is read as (ints
+    have a lower bound that the flag parser enforces)."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+    base: type = str
+    low: Optional[int] = None
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+POSITIVE_INT = Check(lambda v: _int(v) and v > 0, "a positive integer", int, 1)
+COUNT = Check(lambda v: _int(v) and v >= 0, "an integer >= 0", int, 0)
+NON_NEGATIVE = Check(lambda v: _number(v) and v >= 0, "a finite number >= 0", float)
+SWITCH = Check(lambda v: isinstance(v, bool), "true or false", bool)
+PATH = Check(lambda v: v is None or isinstance(v, str), "a path")
+
+
+def one_of(choices) -> Check:
+    return Check(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def setting(default, help: str, check: Check, *, show_default: bool = True):
+    """A TrainConfig field: its default, one line of help (the flag's and the README's), and its check."""
+    return field(default=default, metadata={"help": help, "check": check, "show_default": show_default})
+
+
+def default_lora() -> LoraConfig:
+    """The LoRA adapter of a run that names none: q,v at r=8, alpha=16 (LoRA §7.1: W_q and W_v together)."""
+    return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; every value is checked at construction (``ConfigError`` names the field)."""
+
+    model: Optional[str] = setting(None, "local transformers causal-LM folder (default: the embedded "
+                                   "SmolLM2-135M-Instruct)", PATH, show_default=False)
+    data: Optional[str] = setting(None, "JSONL or CSV with {text} or {prompt, completion} (default: the embedded "
+                                  "sentiment task)", PATH, show_default=False)
+    output: Optional[str] = setting(None, "output folder (default: runs/<timestamp>)", PATH, show_default=False)
+    steps: int = setting(100, "optimizer steps (ignored when --epochs is set)", POSITIVE_INT)
+    epochs: Optional[float] = setting(None, "passes over the training split; overrides --steps",
+                                      Check(lambda v: v is None or (_number(v) and v > 0), "a positive number",
+                                            float))
+    batch_size: int = setting(8, "examples per micro-batch, per process", POSITIVE_INT)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", POSITIVE_INT)
+    lr: float = setting(1e-3, "AdamW peak learning rate; LoRA tolerates ~10x full fine-tuning's (LoRA §5)",
+                        Check(lambda v: _number(v) and 0 < v < 1, "a number in (0, 1), e.g. 1e-3", float))
+    schedule: str = setting("cosine", "learning-rate schedule after warm-up: " + ", ".join(SCHEDULES),
+                            one_of(SCHEDULES))
+    warmup_steps: int = setting(0, "linear warm-up steps", COUNT)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping", NON_NEGATIVE)
+    max_length: int = setting(256, "tokens per example (prompts are cut from the left)", POSITIVE_INT)
+    seed: int = setting(0, "seed for init, data order, split and dropout", COUNT)
+    eval_split: float = setting(0.1, "share of the data held out for evaluation",
+                                Check(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", float))
+    eval_max: Optional[int] = setting(500, "at most this many eval examples",
+                                      Check(lambda v: v is None or (_int(v) and v >= 1),
+                                            "a positive integer or null", int, 1))
+    eval_every: int = setting(0, "evaluate every N steps; 0 = before and after training only", COUNT)
+    save_every: int = setting(0, "checkpoint every N steps; 0 = never", COUNT)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward", SWITCH)
+    dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES), one_of(tuple(DTYPES)))
+    add_eos: bool = setting(True, "append EOS to completions and texts", SWITCH)
+    strategy: str = setting("auto", "under torchrun: ddp, fsdp or auto (DDP when a weight copy fits, else FSDP2)",
+                            Check(lambda v: v in STRATEGIES, "auto, ddp or fsdp"))
+    dist_timeout: float = setting(300, "seconds a collective waits for a dead peer before the job fails",
+                                  Check(lambda v: _number(v) and v > 0, "a positive number of seconds", float))
+    lora: LoraConfig = field(default_factory=default_lora, metadata={"help": "the adapter: LoraConfig fields "
+                                                                     "under 'lora:'"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora, strict=True)
+        for f in settings():
+            value = getattr(self, f.name)
+            if not f.metadata["check"].ok(value):
+                raise ConfigError(f"{f.name}={value!r} is invalid: expected {f.metadata['check'].expected}")
+        if self.max_length < 2:  # a positive integer, but no room for a prediction
+            raise ConfigError(f"max_length={self.max_length!r} is invalid: an example needs at least 2 tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in settings()}
+        d["lora"] = self.lora.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("a training config must be a mapping of setting names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(known))}"
+                              " (LoRA settings go under 'lora:')")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+
+def settings() -> list[dataclasses.Field]:
+    """The plain settings of TrainConfig (every field but ``lora``), in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.name != "lora"]
+
+
+def shown(value) -> str:
+    """A setting's value as help text and YAML spell it (true, 0.001, q_proj,v_proj, unset)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def describe(f: dataclasses.Field, demo: Optional[dict] = None) -> str:
+    """One setting's help line with its default (and the demo job's value, where it differs)."""
+    text = f.metadata["help"]
+    if not f.metadata["show_default"]:
+        return text
+    extra = f"; the demo: {shown(demo[f.name])}" if demo and f.name in demo and demo[f.name] != f.default else ""
+    return f"{text} (default: {shown(f.default)}{extra})"

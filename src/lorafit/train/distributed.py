@@ -1,0 +1,151 @@
+"""Scale-out on PyTorch's own engine: torchrun sets the environment, torch.distributed does the rest.
+
+* DDP (``DistributedDataParallel``): every rank holds the whole model; only the adapter's gradients are all-reduced
+  (frozen parameters are not registered for reduction).
+* FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer and the root are sharded; the frozen base and
+  the adapter live as DTensor shards and are gathered layer by layer in forward/backward.
+
+Backend: nccl on GPUs, gloo on the CPU. Only rank 0 writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..hf import unwrap  # noqa: F401 - part of this module's interface (wrap / unwrap)
+from .config import STRATEGIES
+
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(timeout_s: float = 300) -> Dist:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a single
+    process without those variables runs alone. ``timeout_s`` bounds every collective, so a dead peer ends the
+    job with an error instead of a hang."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent (not by a shell that may exit early)
+        watch_launcher()
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, world, local_rank, device)
+
+
+def watch_launcher(interval_s: float = 1.0) -> None:
+    """End this worker when its launcher dies. torchrun's agent stops its workers when it exits or is signalled
+    normally, but a SIGKILLed agent leaves them orphaned inside a collective that no peer will join, a wait that the
+    collective timeout did not end (gloo, 40 minutes observed). A daemon thread notices the re-parenting and exits
+    the process, whatever the main thread is blocked in; the last complete checkpoint stays for --resume."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                sys.stderr.write(f"lorafit: the launcher (pid {parent}) is gone; stopping this worker (exit 1)\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="lorafit-launcher-watch", daemon=True).start()
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def choose_strategy(strategy: str, model: nn.Module, d: Dist) -> str:
+    """"auto": DDP when a full copy of the weights fits comfortably in one device's memory, else FSDP."""
+    if strategy != "auto":
+        return strategy
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if d.device.type == "cuda":
+        free = torch.cuda.mem_get_info(d.device)[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // max(1, d.world)
+    return "ddp" if weights * 3 < free else "fsdp"
+
+
+def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
+    """DDP- or FSDP2-wrap an adapted model (adapters attached, frozen base)."""
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model.to(d.device), device_ids=[d.device.index] if d.device.type == "cuda"
+                                       else None)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(d.device)
+        for block in decoder_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer (the children of the first ModuleList with several entries)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            return list(module)
+    return []
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few numbers across ranks (identity on one process)."""
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+@torch.no_grad()
+def max_divergence(params: list[torch.Tensor], d: Dist) -> float:
+    """Largest difference between any rank's copy of the (replicated) parameters and rank 0's: 0.0 when DDP kept
+    every replica identical, as it must."""
+    worst = torch.zeros((), dtype=torch.float64, device=d.device)
+    for p in params:
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()

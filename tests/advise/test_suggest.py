@@ -1,0 +1,240 @@
+"""lorafit.suggest: module roles by structure, each rule of thumb, and the budget checks, on Llama, GPT-2 and BERT."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from torch import nn
+
+from lorafit import ConfigError, LoraConfig
+from lorafit.advise.plan import adapter_parameters, estimate_memory
+from lorafit.advise.suggest import attention_roles, parse_bytes, parse_count, suggest, target_spec
+from lorafit.hf import meta_model
+from lorafit.targets import select_targets
+
+from helpers import tiny_bert, tiny_gpt2, tiny_llama
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+MiB = 2**20
+
+
+def selected(model, cfg: LoraConfig) -> set[str]:
+    return {t.name for t in select_targets(model, cfg)}
+
+
+def adapter_count(model, cfg: LoraConfig) -> int:
+    return sum(adapter_parameters(model, select_targets(model, cfg), cfg.use_dora).values())
+
+
+def total_memory(model, cfg: LoraConfig, batch=8, length=256, gc=False) -> int:
+    return estimate_memory(model, adapter_count(model, cfg), batch, length, gc, runtime=0).total
+
+
+# --- roles -----------------------------------------------------------------------------------------------
+
+def test_roles_found_by_name_on_three_architectures():
+    llama, gpt2, bert = tiny_llama(), tiny_gpt2(), tiny_bert()
+    r = attention_roles(llama)
+    assert r.query == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert r.value == [f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)]
+    assert len(r.attention) == 8 and len(r.mlp) == 6 and "lm_head" not in r.mlp
+    r = attention_roles(gpt2)
+    assert r.fused_qkv == [f"transformer.h.{i}.attn.c_attn" for i in (0, 1)] and not r.query
+    assert set(r.mlp) == {f"transformer.h.{i}.mlp.{n}" for i in (0, 1) for n in ("c_fc", "c_proj")}
+    r = attention_roles(bert)
+    assert r.qv == [f"bert.encoder.layer.{i}.attention.self.{n}" for n in ("query", "value") for i in (0, 1)]
+    # BERT's attention output dense is attention; intermediate/output dense (the FFN) and the pooler are not
+    assert "bert.encoder.layer.0.attention.output.dense" in r.attention
+    assert {"bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"} <= set(r.mlp)
+    assert "classifier" not in r.mlp + r.attention
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_target_sets_select_exactly_their_roles(kind):
+    model = MODELS[kind]()
+    roles = attention_roles(model)
+    assert target_spec(model, "qv") == QV[kind]
+    for which, names in (("qv", roles.qv), ("attention", roles.attention), ("mlp", roles.mlp)):
+        assert selected(model, LoraConfig(target_modules=target_spec(model, which))) == set(names)
+
+
+class Attention(nn.Module):  # unknown names: the structural fallback (q, k, v, o in registration order)
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(16, 16) for _ in range(4))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = Attention()
+        self.ff1, self.ff2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(16, 10)
+
+
+def test_structural_fallback_for_unknown_names():
+    roles = attention_roles(Net())
+    assert roles.query == ["blocks.0.mix.a", "blocks.1.mix.a"] and roles.value == ["blocks.0.mix.c", "blocks.1.mix.c"]
+    assert set(roles.mlp) == {f"blocks.{i}.ff{j}" for i in (0, 1) for j in (1, 2)}
+    s = suggest(Net(), "simple", goal="efficiency", runtime=0)
+    assert selected(Net(), s.config) == set(roles.qv)
+
+
+# --- the rules of thumb ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_simple_task_low_rank_default_alpha(kind):
+    model = MODELS[kind]()
+    s = suggest(model, "simple", goal="quality", runtime=0)
+    assert (s.config.r, s.config.lora_alpha, s.config.target_modules) == (8, 8, "all-linear")
+    assert s.fits and not s.config.use_dora
+    e = suggest(model, "simple", goal="efficiency", runtime=0)
+    assert (e.config.r, e.config.lora_alpha, e.config.target_modules) == (4, 8, QV[kind])
+    assert any(line.startswith("r=4: a simple task") for line in e.reasons)
+    assert any("default alpha" in line for line in e.reasons)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_complex_task_high_rank(kind):
+    model = MODELS[kind]()
+    q = suggest(model, "complex", goal="quality", runtime=0)
+    assert (q.config.r, q.config.lora_alpha, q.config.target_modules) == (32, 64, "all-linear")
+    e = suggest(model, "complex", goal="efficiency", runtime=0)
+    assert (e.config.r, e.config.target_modules) == (16, QV[kind])
+    assert 16 <= q.config.r <= 64 and 16 <= e.config.r <= 64
+    assert any("complex task needs capacity" in line for line in q.reasons)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_complex_task_under_parameter_budget_uses_dora(kind):
+    model = MODELS[kind]()
+    budget = adapter_count(model, LoraConfig(r=8, target_modules=QV[kind], use_dora=True))
+    s = suggest(model, "complex", param_budget=budget, runtime=0)
+    assert s.config.r < 16 and s.config.use_dora and s.fits
+    assert s.trainable == adapter_count(model, s.config) <= budget
+    assert any(line.startswith("use_dora=true") for line in s.reasons)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_memory_constrained_targets_q_and_v_only(kind):
+    model = MODELS[kind]()
+    qv_mem = total_memory(model, LoraConfig(r=8, target_modules=QV[kind]))
+    all_mem = total_memory(model, LoraConfig(r=8, target_modules="all-linear"))
+    assert qv_mem < all_mem
+    s = suggest(model, "simple", memory_budget=qv_mem, runtime=0)  # all-linear misses by its adapter alone
+    assert s.config.target_modules == QV[kind] and s.config.r == 8 and s.fits
+    assert s.estimate.total == qv_mem <= parse_bytes(qv_mem)
+    assert any("memory-constrained" in line for line in s.reasons)
+    assert s.train == {"batch_size": 8, "max_length": 256}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_best_quality_all_linear_moderate_rank_when_it_fits(kind):
+    model = MODELS[kind]()
+    all_mem = total_memory(model, LoraConfig(r=8, target_modules="all-linear"))
+    s = suggest(model, "simple", memory_budget=all_mem, goal="quality", runtime=0)
+    assert s.config.target_modules == "all-linear" and s.config.r == 8 and s.fits
+    assert any("every linear layer at moderate rank" in line for line in s.reasons)
+    assert s.reasons[-1].startswith("fits: peak training memory")
+
+
+def test_memory_budget_turns_on_checkpointing_then_smaller_batches():
+    model = tiny_llama()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    gc_mem = total_memory(model, cfg, gc=True)
+    s = suggest(model, "simple", memory_budget=gc_mem, runtime=0)
+    assert s.fits and s.train == {"batch_size": 8, "max_length": 256, "gradient_checkpointing": True}
+    assert s.config.target_modules == ["q_proj", "v_proj"] and s.config.r == 4
+    small = total_memory(model, cfg, batch=2, gc=True)
+    s = suggest(model, "simple", memory_budget=small, runtime=0)
+    assert s.fits and s.train["batch_size"] == 2 and s.train["grad_accum"] == 4
+    assert any("effective batch of 8" in line for line in s.reasons)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_nothing_fits_says_so(kind):
+    s = suggest(MODELS[kind](), "simple", memory_budget="1MB", runtime=0)
+    assert not s.fits
+    assert s.reasons[-1].startswith("NOTHING FITS") and "1 MiB" in s.reasons[-1]
+    assert s.train["batch_size"] == 1 and s.train["gradient_checkpointing"]
+    tiny = suggest(MODELS[kind](), "simple", param_budget=10, runtime=0)
+    assert not tiny.fits and tiny.config.r == 1 and "> budget 10" in tiny.reasons[-1]
+
+
+def test_unknown_complexity_is_assumed_simple_and_said():
+    s = suggest(tiny_llama(), None, runtime=0)
+    assert s.config.r == 8 and s.reasons[0].startswith("complexity: not given, assumed simple")
+
+
+def test_meta_model_gives_the_same_suggestion(tmp_path):
+    model = tiny_gpt2()
+    model.config.save_pretrained(tmp_path)
+    meta = meta_model(tmp_path)
+    assert next(meta.parameters()).device.type == "meta"
+    a = suggest(model, "complex", memory_budget="2GB", runtime=0)
+    b = suggest(meta, "complex", memory_budget="2GB", runtime=0)
+    assert a.config == b.config and a.estimate.total == b.estimate.total
+
+
+def test_sizes_and_bad_input():
+    assert parse_bytes("8GB") == 8 * 2**30 == parse_bytes("8 GiB") and parse_bytes("512MB") == 512 * MiB
+    assert parse_bytes(1000) == 1000 and parse_bytes(None) is None and parse_bytes("1.5G") == int(1.5 * 2**30)
+    assert parse_count("2M") == 2_000_000 and parse_count("500k") == 500_000 and parse_count(1234) == 1234
+    for bad in ("eight GB", "8XB", ""):
+        with pytest.raises(ConfigError, match="memory budget"):
+            parse_bytes(bad)
+    for bad in ("lots", "-5", "0"):
+        with pytest.raises(ConfigError, match="parameter budget"):
+            parse_count(bad)
+    with pytest.raises(ConfigError, match="complexity"):
+        suggest(tiny_llama(), "medium")
+    with pytest.raises(ConfigError, match="goal"):
+        suggest(tiny_llama(), goal="speed")
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+
+def parser():
+    from lorafit.cli.advise import add_parsers as add_guidance_parsers
+
+    p = argparse.ArgumentParser()
+    add_guidance_parsers(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_cli_suggest_writes_a_train_config(tmp_path, capsys):
+    import yaml
+
+    from lorafit.cli.common import read_yaml
+    from lorafit.train import TrainConfig
+
+    model_dir = tmp_path / "m"
+    tiny_llama().config.save_pretrained(model_dir)
+    out = tmp_path / "cfg.yaml"
+    args = parser().parse_args(["suggest", "--model", str(model_dir), "--complexity", "complex", "--goal",
+                                "efficiency", "--memory-budget", "4GB", "--output", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "r=16" in text and "target_modules=q_proj, v_proj" in text and "fits:" in text
+    cfg = TrainConfig.from_dict(read_yaml(str(out)))  # exactly what `lorafit train --config` does
+    assert cfg.lora.r == 16 and cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model == str(model_dir)
+    assert yaml.safe_load(out.read_text())["lora"]["lora_alpha"] == 32
+    args = parser().parse_args(["suggest", "--model", str(model_dir), "--memory-budget", "10MB"])
+    assert args.func(args) == 1  # nothing fits
+    assert "NOTHING FITS" in capsys.readouterr().out
+
+
+def test_cli_suggest_bad_model_folder(tmp_path):
+    from lorafit import DataError
+
+    args = parser().parse_args(["suggest", "--model", str(tmp_path)])
+    with pytest.raises(DataError, match="no config.json"):
+        args.func(args)

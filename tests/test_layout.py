@@ -1,0 +1,89 @@
+"""The house in floors: import contracts (import-linter), what ``import lorafit`` loads, function length, the
+optional-dependency check of each command, and the README's flag table against the generated one."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_data, make_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "lorafit"
+MAX_FUNCTION_LINES = 60
+
+
+def test_import_contracts_hold():
+    """The layers, 'nothing imports cli', a torch-only core and no cycles (pyproject.toml's contracts)."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def _loaded_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    return {m.split(".")[0] for m in out.split()}
+
+
+def test_import_lorafit_loads_no_optional_dependency():
+    heavy = {"transformers", "yaml", "matplotlib", "tqdm", "peft", "datasets"}
+    base = _loaded_after("import torch, safetensors.torch")  # torch.hub itself imports tqdm when it is installed
+    mine = _loaded_after("import lorafit; lorafit.suggest, lorafit.plan, lorafit.probe")
+    assert not (mine - base) & heavy, sorted((mine - base) & heavy)
+    assert not mine & {"transformers", "yaml", "matplotlib"}
+
+
+def test_import_lorafit_works_without_tqdm():
+    code = ("import sys; sys.modules['tqdm'] = None\nimport lorafit\n"
+            "assert all(callable(f) for f in (lorafit.suggest, lorafit.plan, lorafit.probe))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def _functions(path: Path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.lineno, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = [f"{p.relative_to(SRC)}:{line} {name} ({n} lines)" for p in sorted(SRC.rglob("*.py"))
+            for name, line, n in _functions(p) if n > MAX_FUNCTION_LINES]
+    assert not long, long
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layout")
+    return make_model_dir(d / "m"), make_data(d / "d.jsonl", n=16)
+
+
+@pytest.mark.parametrize("command", ["train", "probe", "sweep"])
+@pytest.mark.parametrize("missing", ["matplotlib", "yaml", "transformers"])
+def test_a_command_without_its_extra_says_what_to_install_before_any_work(files, tmp_path, command, missing):
+    model, data = files
+    out = tmp_path / "out"
+    argv = [command, "--model", str(model), "--data", str(data), "--output", str(out)]
+    if command == "sweep":
+        argv += ["--grid", "r=2;targets=qv"]
+    code = (f"import sys; sys.modules[{missing!r}] = None\nfrom lorafit.cli import main\n"
+            f"sys.exit(main({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    package = {"yaml": "pyyaml"}.get(missing, missing)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [f"lorafit: error: lorafit {command} needs {package}, which is not "
+                                             "installed: pip install 'lorafit[cli]'"]
+    assert not out.exists() and r.stdout == ""
+
+
+def test_readme_flag_table_is_the_generated_one():
+    from lorafit.cli.train import flag_table
+
+    assert flag_table() in (ROOT / "README.md").read_text(encoding="utf-8"), \
+        "README's `lorafit train` flag table is stale: paste lorafit.cli.train.flag_table()"

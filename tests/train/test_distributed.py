@@ -1,0 +1,185 @@
+"""torchrun on the CPU (gloo): DDP equals the single-process run, FSDP2 trains and saves a PEFT-loadable adapter,
+and a dead rank ends the job with an error that --resume recovers from (DDP and FSDP2: to the uninterrupted
+result)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import close, close_to_scale, make_data, make_model_dir
+
+COMMON = ["--steps", "6", "--max-length", "48", "--lr", "5e-3", "--rank", "8", "--target-modules", "all-linear",
+          "--quiet", "--eval-split", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return make_model_dir(root / "model"), make_data(root / "data.jsonl", n=80), root
+
+
+def torchrun(*args, nproc=2, timeout=900, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "lorafit", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def single(*args, timeout=900):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lorafit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(setup):
+    model, data, root = setup
+    out = root / "ddp"
+    r = torchrun("train", "--model", model, "--data", data, "--output", out, "--batch-size", "2", "--strategy",
+                 "ddp", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_ddp_equals_single_process_with_the_same_global_batch(setup, ddp_run):
+    model, data, root = setup
+    out = root / "single"
+    r = single("train", "--model", model, "--data", data, "--output", out, "--batch-size", "4", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # gloo averages the two ranks' float32 gradients in another order; 6 AdamW steps (lr 5e-3): relative to each
+    # adapter value, plus a small share of one step for values near 0
+    close(adapter(ddp_run), adapter(out), rtol=1e-5, atol=1e-6)
+    state = json.loads((ddp_run / "trainer_state.json").read_text())
+    assert state["processes"] == 2 and state["strategy"] == "ddp"
+    assert state["max_rank_divergence"] == 0.0  # both ranks hold identical adapters
+
+
+def test_fsdp_trains_and_saves_a_peft_loadable_adapter(setup, ddp_run):
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+
+    model_dir, data, root = setup
+    out = root / "fsdp"
+    r = torchrun("train", "--model", model_dir, "--data", data, "--output", out, "--batch-size", "2", "--strategy",
+                 "fsdp", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    x = torch.randint(0, 200, (2, 16))
+    ours = lorafit.load(copy.deepcopy(base), out).eval()
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    ddp = lorafit.load(copy.deepcopy(base), ddp_run).eval()
+    with torch.no_grad():
+        a, b, c = ours(x).logits, ref(x).logits, ddp(x).logits
+    close_to_scale(a, b, rtol=1e-5)  # same weights, two libraries: float32 rounding of the largest |logit|
+    # FSDP2 and DDP train on differently reduced (sharded) float32 gradients: 10x that
+    close_to_scale(a, c, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_dead_rank_fails_the_job_and_resume_matches_the_uninterrupted_run(setup, strategy):
+    model, data, root = setup
+    out, whole = root / f"killed-{strategy}", root / f"whole-{strategy}"
+    args = ["train", "--model", model, "--data", data, "--batch-size", "2", "--strategy", strategy,
+            "--steps", "10", "--save-every", "2", "--max-length", "48", "--quiet", "--dist-timeout", "30"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lorafit", *map(str, args), "--output", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-run
+    _, err = proc.communicate(timeout=120)  # no hang: torchrun tears the job down
+    assert proc.returncode != 0
+    assert "fail" in err.lower() or "error" in err.lower()
+    assert not (out / "trainer_state.json").exists()
+    r = torchrun("train", "--resume", out, "--quiet", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "trainer_state.json").read_text())["finished"]
+    resumed_at = re.search(r"resuming .* from checkpoint-(\d+)", r.stderr)
+    assert resumed_at and 2 <= int(resumed_at.group(1)) < 10, r.stderr[-3000:]  # mid-run, not from scratch
+    r = torchrun(*args, "--output", whole)  # the same job, never interrupted
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the resumed job repeats the same float32 steps, reduced by gloo: relative to each adapter value, plus a small
+    # share of one AdamW step (default lr 1e-3) for values near 0
+    close(adapter(out), adapter(whole), rtol=1e-5, atol=1e-7)
+
+
+def test_workers_stop_when_the_launcher_is_killed(setup):
+    """A SIGKILLed torchrun agent cannot tear its workers down: they notice the re-parenting and exit."""
+    model, data, root = setup
+    out = root / "orphans"
+    args = ["train", "--model", model, "--data", data, "--output", out, "--batch-size", "2", "--strategy", "ddp",
+            "--steps", "400", "--save-every", "2", "--max-length", "48", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lorafit", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "orphaned workers still running 30 s after the launcher died"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job's session
+        except ProcessLookupError:
+            pass
+    assert not (out / "trainer_state.json").exists() and (out / "checkpoint-2").is_dir()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (an exited child of another process may linger as a zombie: not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_readme_torchrun_command_parses(setup, tmp_path):
+    """torchrun accepts abbreviations of its own options: no lorafit flag may be a prefix of one of them."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun_opts = [o for a in get_args_parser()._actions for o in a.option_strings]
+    from lorafit.cli.train import train_flags
+    flags = [flag for flag, _, _ in train_flags()]
+    flags += [f"--no-{f[2:]}" for f, _, kw in train_flags() if kw.get("action") is argparse.BooleanOptionalAction]
+    for flag in flags + ["--config", "--resume", "--quiet"]:
+        clashes = [o for o in torchrun_opts if o.startswith(flag)]
+        assert not clashes, (flag, clashes)
+    args = get_args_parser().parse_args(["--nproc_per_node", "2", "-m", "lorafit", "train", "--model", "m",
+                                         "--rank", "8", "--strategy", "fsdp"])
+    assert args.training_script == "lorafit" and args.training_script_args[-4:] == ["--rank", "8", "--strategy",
+                                                                                    "fsdp"]
