@@ -29,7 +29,8 @@ def adapter_count(model, cfg: LoraConfig) -> int:
 
 
 def total_memory(model, cfg: LoraConfig, batch=8, length=256, gc=False) -> int:
-    return estimate_memory(model, adapter_count(model, cfg), batch, length, gc, runtime=0).total
+    return estimate_memory(model, adapter_count(model, cfg), batch_size=batch, max_length=length,
+                           gradient_checkpointing=gc, runtime=0).total
 
 
 # --- roles -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,3 +184,76 @@ def test_readme_torchrun_command_parses(setup, tmp_path):
                                          "--rank", "8", "--strategy", "fsdp"])
     assert args.training_script == "lorafit" and args.training_script_args[-4:] == ["--rank", "8", "--strategy",
                                                                                     "fsdp"]
+
+
+# --- exit under load (slow): `pytest -m slow tests/train/test_distributed.py -k load` ------------------------------
+
+ROUNDS = int(os.environ.get("LORAFIT_STRESS_ROUNDS", "10"))
+EXIT_WITHIN_S = 30
+
+
+def _cpu_load(n: int = 2) -> list[subprocess.Popen]:
+    """CPU-bound processes, one per core, that the launcher and workers compete with."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _timed_torchrun(*args, timeout=600) -> tuple[int, float, str]:
+    """(exit code, seconds from trainer_state.json's last write to the job's exit, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = args[args.index("--output") + 1] if "--output" in args else args[args.index("--resume") + 1]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lorafit", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        return -9, float("inf"), err
+    ended = time.time()
+    state = out / "trainer_state.json"
+    return proc.returncode, ended - state.stat().st_mtime if state.exists() else float("inf"), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_finished_and_resumed_runs_exit_promptly_under_load(setup, strategy):
+    """Issue 18: a worker that has written everything exits within seconds, whatever its peers do (the DDP
+    reducer, which holds the process group, is freed before the group is destroyed)."""
+    model, data, root = setup
+    args = ["train", "--model", model, "--data", data, "--batch-size", "2", "--strategy", strategy, "--steps", "6",
+            "--save-every", "2", "--max-length", "48", "--quiet", "--eval-split", "0.1"]
+    load, delays = _cpu_load(), []
+    try:
+        for i in range(ROUNDS):
+            out = root / f"load-{strategy}-{i}"
+            code, delay, err = _timed_torchrun(*args, "--output", out)
+            assert code == 0 and delay <= EXIT_WITHIN_S, (i, "finished run", code, delay, err[-3000:])
+            delays.append(delay)
+            # make it a run killed after checkpoint-4: --resume trains steps 5-6 and finishes again
+            shutil.rmtree(out / "checkpoint-6")
+            (out / "trainer_state.json").unlink()
+            code, delay, err = _timed_torchrun("train", "--resume", out, "--quiet")
+            assert code == 0 and delay <= EXIT_WITHIN_S, (i, "resumed run", code, delay, err[-3000:])
+            assert "from checkpoint-4" in err
+            delays.append(delay)
+    finally:
+        for p in load:
+            p.kill()
+    print(f"{strategy}: exit after trainer_state.json in {min(delays):.1f}-{max(delays):.1f} s over {len(delays)} runs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_dead_rank_under_load_repeatedly(setup, strategy):
+    """The dead-rank test ROUNDS times in a row while both cores are busy."""
+    load = _cpu_load()
+    try:
+        for i in range(ROUNDS):
+            model, data, root = setup
+            for name in (f"killed-{strategy}", f"whole-{strategy}"):
+                shutil.rmtree(root / name, ignore_errors=True)
+            test_a_dead_rank_fails_the_job_and_resume_matches_the_uninterrupted_run(setup, strategy)
+    finally:
+        for p in load:
+            p.kill()

@@ -100,7 +100,7 @@ def _dot(a: Deltas, b: Deltas) -> float:
 
 
 def newton_step(model: nn.Module, batches: Iterable[dict], grads: Deltas,
-                logits_fn: Callable[[nn.Module, dict], Tensor], iters: int = 20, damping: float = 0.0,
+                logits_fn: Callable[[nn.Module, dict], Tensor], *, iters: int = 20, damping: float = 0.0,
                 tol: float = 1e-3, scale: Optional[dict[str, float]] = None) -> tuple[Deltas, dict]:
     """Δ* ≈ −(H + damping·I)⁻¹·g by at most ``iters`` conjugate-gradient steps from Δ = 0 (stops early when
     ||r|| <= tol·||g||). ``grads``: g per module, (out, in), the gradient of the same loss summed over ``batches``.

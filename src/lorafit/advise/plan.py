@@ -73,7 +73,7 @@ def adapted_inputs(model: nn.Module, targets: list[Target]) -> int:
     return sum(seen.values())
 
 
-def estimate_memory(model: nn.Module, n_adapter: int, batch_size: int, max_length: int,
+def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_length: int,
                     gradient_checkpointing: bool = False, runtime: int | None = None,
                     adapter_inputs: int = 0) -> MemoryEstimate:
     """Peak training memory, by parts (see the module docstring)."""
@@ -99,15 +99,16 @@ def estimate_memory(model: nn.Module, n_adapter: int, batch_size: int, max_lengt
     )
 
 
-def plan(model: nn.Module, cfg: LoraConfig, batch_size: int = 8, max_length: int = 256,
+def plan(model: nn.Module, cfg: LoraConfig, *, batch_size: int = 8, max_length: int = 256,
          gradient_checkpointing: bool = False, runtime: int | None = None) -> dict:
     """Targets, parameter counts, adapter file size and the memory estimate, as a dict."""
     targets = select_targets(model, cfg)
     per_module = adapter_parameters(model, targets, cfg.use_dora)
     n_adapter = sum(per_module.values())
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    mem = estimate_memory(model, n_adapter, batch_size, max_length, gradient_checkpointing, runtime,
-                          adapted_inputs(model, targets))
+    mem = estimate_memory(model, n_adapter, batch_size=batch_size, max_length=max_length,
+                          gradient_checkpointing=gradient_checkpointing, runtime=runtime,
+                          adapter_inputs=adapted_inputs(model, targets))
     return {"targets": targets, "per_module": per_module, "trainable": n_adapter, "total": total,
             "file_bytes": 4 * n_adapter + 200 * len(targets), "memory": mem}
 
@@ -154,7 +155,8 @@ def plan_report(model_dir: str | Path, cfg: LoraConfig, *, batch_size: int = 8, 
     from ..hf import meta_model
 
     model = meta_model(model_dir, dtype)
-    p = plan(model, cfg, batch_size, max_length, gradient_checkpointing, runtime)
+    p = plan(model, cfg, batch_size=batch_size, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
+             runtime=runtime)
     if as_json:
         return plan_json(p)
     mem: MemoryEstimate = p["memory"]

@@ -170,7 +170,7 @@ def sampled_label_loss(logits: Tensor, generator: Optional[torch.Generator] = No
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable[dict], names: list[str],
-                         loss_fn: Callable[[nn.Module, dict], Tensor], sketch: Optional[int] = None, seed: int = 0,
+                         loss_fn: Callable[[nn.Module, dict], Tensor], *, sketch: Optional[int] = None, seed: int = 0,
                          logits_fn: Optional[Callable[[nn.Module, dict], Tensor]] = None) -> tuple[dict, dict]:
     """({name: ExactGradient | SketchedGradient}, {name: λ}): G = Σ dYᵀ·X per module over ``batches``, and
     λ = tr(F_m) / (in·out), the mean eigenvalue of the module's Fisher information, from per-token gradients
@@ -206,11 +206,11 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[dict], names: list[
 
 
 def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str],
-                     loss_fn: Callable[[nn.Module, dict], Tensor], sketch: Optional[int] = None, seed: int = 0,
+                     loss_fn: Callable[[nn.Module, dict], Tensor], *, sketch: Optional[int] = None, seed: int = 0,
                      logits_fn: Optional[Callable[[nn.Module, dict], Tensor]] = None) -> dict[str, dict]:
     """name -> {"s": singular values of G, "energy": ||G||²_F, "fisher": λ} for each module in ``names`` (see
     ``accumulate_gradients``)."""
-    accs, lam = accumulate_gradients(model, batches, names, loss_fn, sketch, seed, logits_fn)
+    accs, lam = accumulate_gradients(model, batches, names, loss_fn, sketch=sketch, seed=seed, logits_fn=logits_fn)
     out = {}
     for name, acc in accs.items():
         s, energy = acc.spectrum()
@@ -219,18 +219,19 @@ def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str]
 
 
 def newton_spectra(model: nn.Module, batches: list, names: list[str], loss_fn: Callable[[nn.Module, dict], Tensor],
-                   logits_fn: Callable[[nn.Module, dict], Tensor], iters: int = 20, seed: int = 0,
+                   logits_fn: Callable[[nn.Module, dict], Tensor], *, iters: int = 20, seed: int = 0,
                    damping: float = 1e-3) -> tuple[dict[str, dict], dict]:
     """name -> {"s": singular values of Δ*_m, "energy": ||Δ*_m||²_F, "fisher": λ}, where Δ* ≈ −(H + δI)⁻¹·g is the
     Gauss-Newton step of full fine-tuning over all candidates jointly (lorafit.gauss_newton), preconditioned by λ_m
     per module, δ = damping·tr(H)/dim; and the solver's report. ``loss_fn`` must be the mean cross-entropy (or
     KL) over the rows of ``logits_fn``."""
-    accs, lam = accumulate_gradients(model, batches, names, loss_fn, None, seed, logits_fn)
+    accs, lam = accumulate_gradients(model, batches, names, loss_fn, seed=seed, logits_fn=logits_fn)
     sizes = {n: a.n_in * a.n_out for n, a in accs.items()}
     # H sums the per-batch mean curvature over the batches, λ is the mean over tokens: H_mm ≈ n_batches·λ_m·I
     diag = {n: len(batches) * lam[n] for n in names}
     mean_diag = sum(diag[n] * sizes[n] for n in names) / sum(sizes.values())  # tr(H) / dim, sampled
-    step, info = newton_step(model, batches, {n: accs[n].G for n in names}, logits_fn, iters, damping * mean_diag,
+    step, info = newton_step(model, batches, {n: accs[n].G for n in names}, logits_fn, iters=iters,
+                             damping=damping * mean_diag,
                              scale=diag)
     out = {n: {"s": torch.linalg.svdvals(step[n]), "energy": float((step[n].double() ** 2).sum()), "fisher": lam[n]}
            for n in names}
@@ -304,11 +305,11 @@ def probe(model: nn.Module, batches: Iterable[dict], candidates: Union[str, list
     names = [t.name for t in targets]
     notes = []
     if newton:
-        spectra, info = newton_spectra(model, list(batches), names, loss_fn, logits_fn, newton, seed)
+        spectra, info = newton_spectra(model, list(batches), names, loss_fn, logits_fn, iters=newton, seed=seed)
         notes.append(f"Newton step: {info['iters']} conjugate-gradient steps, relative residual "
                      f"{info['residual']:.3f}, predicted loss decrease {info['decrease']:.4g}")
     else:
-        spectra = gradient_spectra(model, batches, names, loss_fn, sketch, seed, logits_fn)
+        spectra = gradient_spectra(model, batches, names, loss_fn, sketch=sketch, seed=seed, logits_fn=logits_fn)
     shapes = {t.name: tuple(reversed(in_out_features(model.get_submodule(t.name), t.kind))) for t in targets}
     return _allocate(spectra, shapes, notes, energy=energy, budget=budget, sketch=sketch, max_rank=max_rank,
                      curvature=logits_fn is not None, use_dora=use_dora, newton=bool(newton))

@@ -234,7 +234,8 @@ class _Fit:
 
     def size(self) -> tuple[int, MemoryEstimate]:
         n = _count(self.model, self.config())
-        return n, estimate_memory(self.model, n, self.batch, self.max_length, self.gc, self.runtime)
+        return n, estimate_memory(self.model, n, batch_size=self.batch, max_length=self.max_length,
+                                  gradient_checkpointing=self.gc, runtime=self.runtime)
 
     def ok(self, n_budget: Optional[int], mem_budget: Optional[int]) -> bool:
         n, mem = self.size()
@@ -313,7 +314,8 @@ def _budget_reason(fit: _Fit, n: int, mem: MemoryEstimate, fits: bool, n_budget:
         return ("fits: " + "; ".join(checks) if checks else
                 f"no budget given: {n:,} adapter parameters, peak training memory ~{_gib(mem.total)} "
                 f"(batch {fit.batch} x {fit.max_length} tokens)")
-    floor = estimate_memory(fit.model, 0, 1, fit.max_length, True, fit.runtime).total
+    floor = estimate_memory(fit.model, 0, batch_size=1, max_length=fit.max_length, gradient_checkpointing=True,
+                            runtime=fit.runtime).total
     return ("NOTHING FITS: even the smallest configuration tried misses the budget: " + "; ".join(checks)
             + (f"; the base weights and runtime alone need ~{_gib(floor)} at batch 1 with checkpointing"
                if mem_budget is not None and floor > mem_budget else "")

@@ -122,7 +122,7 @@ def _check_same(folder: Path, cfg) -> None:
                           "for a different sweep")
 
 
-def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, quiet: bool = True, say=print) -> dict:
+def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, *, quiet: bool = True, say=print) -> dict:
     """Train one point in ``out/name`` (or read it back when finished) and return its result row."""
     from ..train import TrainConfig, run
 
@@ -166,7 +166,7 @@ def pareto_front(rows: list[dict]) -> set[str]:
     return front
 
 
-def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, marked: Optional[dict[str, str]] = None,
+def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, *, marked: Optional[dict[str, str]] = None,
           quiet: bool = True, say=print) -> list[dict]:
     """Train (or read back) every point, then write results.csv, results.md and pareto.png into ``out``.
 
@@ -176,7 +176,7 @@ def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, marked: Opti
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marked = marked or {}
-    rows = [run_point(name, cfg, settings, out, quiet, say) for name, cfg in points.items()]
+    rows = [run_point(name, cfg, settings, out, quiet=quiet, say=say) for name, cfg in points.items()]
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["name"] in front

@@ -12,6 +12,7 @@ Exit codes: 0 success, 2 bad usage or input (nothing written), 1 runtime failure
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
@@ -41,14 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         require(args.command, args.needs)
         return args.func(args)
     except (ConfigError, DataError, AdapterError) as e:
-        print(f"lorafit: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)
         return 130
     except (TrainingError, RuntimeError, OSError) as e:  # the one place that turns failures into an exit code
-        print(f"lorafit: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 1)
+
+
+def _fail(e: Exception, code: int) -> int:
+    """Print the one error line. A torchrun worker then exits at once: its peers may be gone, and the destructors
+    of a process group whose peers are gone can wait forever; what it wrote is complete (atomic writes)."""
+    print(f"lorafit: error: {e}", file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

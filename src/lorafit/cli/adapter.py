@@ -20,17 +20,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     settings = read_yaml(args.config) if args.config else {}
     lora = {**default_lora().to_dict(), **(settings.get("lora") or {})}
-    for field, value in (("r", args.rank), ("target_modules", args.target_modules), ("use_dora", args.use_dora or None)):
-        if value is not None:
-            lora[field] = value
+    flags = {"r": args.rank, "target_modules": args.target_modules, "use_dora": args.use_dora or None}
+    lora.update({field: value for field, value in flags.items() if value is not None})
 
     def pick(name: str):
         value = getattr(args, name)
         return value if value is not None else settings.get(name, _default(name))
 
+    checkpointing = args.gradient_checkpointing or settings.get("gradient_checkpointing", False)
     print(plan_report(args.model, LoraConfig.from_dict(lora), batch_size=pick("batch_size"),
-                      max_length=pick("max_length"), dtype=pick("dtype"),
-                      gradient_checkpointing=args.gradient_checkpointing or settings.get("gradient_checkpointing", False),
+                      max_length=pick("max_length"), dtype=pick("dtype"), gradient_checkpointing=checkpointing,
                       as_json=args.json))
     return 0
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
-from .common import RUN_NEEDS, non_negative_int, positive_int, read_yaml, target_modules_arg, write_yaml
+from .common import (RUN_NEEDS, non_negative_int, positive_int, read_yaml, require_demo, target_modules_arg,
+                     write_yaml)
 from .train import train_flags
 
 RUN_FLAGS = ("model", "data", "batch_size", "max_length", "seed")  # TrainConfig settings probe and sweep take
@@ -41,6 +42,7 @@ def _base_settings(args: argparse.Namespace) -> dict:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    require_demo(args.command, settings.get("model"))
     return settings
 
 
@@ -59,6 +61,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from ..hf import meta_model
 
     model_dir = args.model
+    require_demo("suggest", model_dir)
     if model_dir is None:
         from ..demo.assets import smollm2
         model_dir = smollm2()
@@ -163,7 +166,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.output or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     meta = meta_model(resolve_model_dir(TrainConfig.from_dict(dict(settings))))
     points, marked = sweep_points(args, settings, out, meta)
-    rows = sweep(points, settings, out, marked, quiet=not args.verbose)
+    rows = sweep(points, settings, out, marked=marked, quiet=not args.verbose)
     print(results_markdown(rows))
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'pareto.png'}")
     return 0

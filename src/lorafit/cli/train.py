@@ -11,7 +11,7 @@ from ..config import LoraConfig
 from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
 from ..train.config import SWITCH, TrainConfig, default_lora, describe, settings, shown
-from .common import RUN_NEEDS, int_at_least, read_yaml, target_modules_arg
+from .common import RUN_NEEDS, int_at_least, read_yaml, require_demo, target_modules_arg
 
 # flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
 LORA_FLAGS = {"--rank": ("r", int_at_least(1)), "--lora-alpha": ("lora_alpha", float),
@@ -107,7 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {folder}: no config.yaml there; is it a lorafit run folder?")
         cfg = TrainConfig.from_dict(read_yaml(str(folder / "config.yaml")))
         cfg.output = str(folder)
+        require_demo("train", cfg.model)
         run(cfg, resume=True, quiet=args.quiet)
         return 0
-    run(TrainConfig.from_dict(train_settings(args)), quiet=args.quiet)
+    cfg = TrainConfig.from_dict(train_settings(args))
+    require_demo("train", cfg.model)
+    run(cfg, quiet=args.quiet)
     return 0

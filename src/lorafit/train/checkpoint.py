@@ -35,7 +35,7 @@ def load_optimizer_state(model, optimizer, state: dict, strategy: str) -> None:
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_checkpoint(out: Path, step: int, model, optim_state: dict, scheduler, d=None) -> Path:
+def save_checkpoint(out: Path, step: int, model, *, optim_state: dict, scheduler, d=None) -> Path:
     """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0."""
     from .distributed import barrier
 

@@ -11,6 +11,7 @@ Backend: nccl on GPUs, gloo on the CPU. Only rank 0 writes files and shows progr
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import sys
 import threading
@@ -81,9 +82,31 @@ def watch_launcher(interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="lorafit-launcher-watch", daemon=True).start()
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+DRAIN_S = 0.2  # seconds without the GIL for gloo's worker threads to free the last collectives' tensors
+
+
+def leave(d: Dist, *, within_s: float = 30.0) -> None:
+    """Meet every peer, then leave the process group. Called once everything is written and every reference to
+    the wrapped model is gone.
+
+    Why the order matters (issue 18, reproduced under load with a native stack dump): gloo's process-group
+    destructor joins its worker threads while the caller holds the GIL, and a worker that is still freeing a
+    finished collective whose tensors Python has already dropped needs the GIL for that: a deadlock. Before, the
+    DDP reducer held the last reference to the group and freed it in a garbage collection after
+    ``destroy_process_group``, at a random moment. Now the reducer is freed first, the group goes here, after a
+    barrier and a short pause in which the workers can finish. As a last resort a C-level watchdog (faulthandler,
+    which needs no GIL) ends the process after ``within_s`` seconds with the stacks on stderr (exit status 1), so a
+    worker that has written everything never hangs.
+    """
+    if not (d.enabled and dist.is_initialized()):
+        return
+    faulthandler.dump_traceback_later(within_s, exit=True)
+    try:
+        dist.barrier()
+        time.sleep(DRAIN_S)
         dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def choose_strategy(strategy: str, model: nn.Module, d: Dist) -> str:

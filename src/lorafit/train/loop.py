@@ -94,7 +94,7 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def evaluate(model, tok, task: Task, cfg: TrainConfig, progress: bool, d=None) -> dict[str, float]:
+def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False, d=None) -> dict[str, float]:
     """Eval loss over the held-out split, and choice accuracy when the task has single-token choices. Under
     torchrun each rank scores every world-th example and the sums are all-reduced."""
     from tqdm.auto import tqdm
@@ -197,8 +197,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
     # reducer holds the process group) is freed while every peer is still there, then leave the group together.
     gc.collect()
-    D.barrier(d)
-    D.teardown(d)
+    D.leave(d)
     return summary
 
 
@@ -287,7 +286,7 @@ def fit(r: Run) -> dict:
     cfg = r.cfg
     before = next((m for m in r.kept if m.get("kind") == "eval" and m["step"] == 0), None)
     if before is None:
-        before = {"step": 0, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, r.show, r.d)}
+        before = {"step": 0, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, progress=r.show, d=r.d)}
         r.log(before)
         r.say(f"before training: {_fmt(before)}")
     batches = batch_indices(len(r.train_set), cfg.batch_size * r.d.world, cfg.seed, start=r.start * cfg.grad_accum)
@@ -301,12 +300,12 @@ def fit(r: Run) -> dict:
         if r.quiet and (step % max(1, r.steps // 10) == 0 or step == r.steps):
             r.say(f"step {step}/{r.steps} loss {loss:.4f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != r.steps:
-            ev = {"step": step, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, False, r.d)}
+            ev = {"step": step, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, d=r.d)}
             r.log(ev)
             r.say(f"step {step}: {_fmt(ev)}")
         if cfg.save_every and step % cfg.save_every == 0:
-            r.ckpt = save_checkpoint(r.out, step, r.core, optimizer_state(r.model, r.optimizer, r.strategy),
-                                     r.scheduler, r.d)
+            r.ckpt = save_checkpoint(r.out, step, r.core, optim_state=optimizer_state(r.model, r.optimizer, r.strategy),
+                                     scheduler=r.scheduler, d=r.d)
     bar.close()
     return before
 
@@ -342,7 +341,7 @@ def train_step(r: Run, batches, step: int) -> tuple[float, float]:
 
 def finish(r: Run, before: dict) -> dict:
     """The final evaluation, adapter, report.png and trainer_state.json (rank 0 writes; all ranks gather)."""
-    after = {"step": r.steps, "kind": "eval", **evaluate(r.model, r.tok, r.task, r.cfg, r.show, r.d)}
+    after = {"step": r.steps, "kind": "eval", **evaluate(r.model, r.tok, r.task, r.cfg, progress=r.show, d=r.d)}
     r.log(after)
     divergence = D.max_divergence(r.params, r.d) if r.strategy == "ddp" else None
     tensors = lio.adapter_state_dict(r.core)  # a collective under FSDP: every rank gathers
@@ -359,7 +358,6 @@ def finish(r: Run, before: dict) -> dict:
     r.say(f"after training:  {_fmt(after)}")
     r.say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, "
           f"config.yaml, metrics.jsonl and report.png in {r.out}")
-    D.barrier(r.d)
     return summary
 
 
