@@ -241,3 +241,29 @@ def close_to_scale(got, want, *, rtol: float, atol: float = 0.0, msg: str = "") 
         bound = rtol * scale + atol
         assert err <= bound, (f"{_label(msg, key)}: max |difference| {err:.3g} > {bound:.3g} "
                               f"(rtol {rtol:g} of max |want| {scale:.3g}, atol {atol:g})")
+
+
+# --- a tiny chat model ------------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def with_chat_template(src: Path, dst: Path) -> Path:
+    """A copy of a model folder whose tokenizer has a ChatML template (its two tokens added, embeddings resized)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def make_chat_model_dir(path: Path, seed: int = 0) -> Path:
+    """make_model_dir's tiny Llama with a ChatML template (``with_chat_template``)."""
+    return with_chat_template(make_model_dir(path, seed), path)

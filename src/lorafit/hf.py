@@ -30,18 +30,45 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_model(model_dir: Path, dtype: str = "float32"):
-    """A transformers causal LM and its tokenizer from a local folder (no network); pad = EOS when unset."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a local model folder; pad = EOS when it has no pad token."""
+    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, dtype: str = "float32"):
+    """A transformers causal LM and its tokenizer from a local folder (no network)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_dir)
+    try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot load a causal LM and tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     return model, tok
+
+
+def use_chat_template(tokenizer, path: str | Path) -> None:
+    """Give ``tokenizer`` the Jinja chat template in the file ``path`` (checked to parse first)."""
+    import jinja2
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--chat-template {path} is not a readable text file ({e})") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"--chat-template {path} is not a valid Jinja template: line {e.lineno}: {e.message}") \
+            from None
+    tokenizer.chat_template = text
 
 
 def meta_model(model_dir: str | Path, dtype: str = "float32") -> nn.Module:

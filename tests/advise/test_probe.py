@@ -174,9 +174,9 @@ def test_sketch_matches_the_exact_spectrum_on_planted_ranks():
     for e, s in zip(exact.modules, sketch.modules):
         if e.name in planted:
             r = planted[e.name]
-            # the planted directions lie inside the 24-dim sketch: relative to each singular value (float32 rounding
-            # of the sketched products, far above the exact SVD's)
-            close(s.spectrum[:r], e.spectrum[:r], rtol=1e-3, atol=0.0)
+            # noise-free gradients have exactly the planted rank, inside the 24-dim sketch: only float32 rounding of
+            # the sketched products is left, ~80 ulps of each singular value (~1-9)
+            close(s.spectrum[:r], e.spectrum[:r], rtol=1e-5, atol=0.0)
             assert s.energy == pytest.approx(e.energy, rel=0.35)  # the total is a randomised estimate
             assert s.effective_rank == e.effective_rank
         else:

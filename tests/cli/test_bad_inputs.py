@@ -337,7 +337,8 @@ DATA_CASES = [  # (id, file name, bytes, text the message must contain besides t
     ("trailing-garbage", "d.jsonl", b'{"text": "a"} {"text": "b"}\n', "line 1: not valid JSON (Extra data)"),
     ("unpaired-surrogate", "d.jsonl", b'{"text": "a\\ud800b"}\n', "line 1: field \"text\" holds an unpaired surrogate"),
     ("nested-too-deep", "d.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 1: JSON nested too deeply"),
-    ("json-array-file", "d.json", b'[{"text": "a"}, {"text": "b"}]', "line 1: expected a JSON object"),
+    ("json-list-of-non-objects", "d.json", b'[{"text": "a"}, 7]', "example 2: expected a JSON object"),
+    ("json-list-broken", "d.json", b'[{"text": "a"},', "not valid JSON"),
     ("csv-wrong-columns", "d.csv", b"question,answer\nhi,there\n", "row 2: needs a non-empty \"text\" field"),
     ("csv-short-row", "d.csv", b"prompt,completion\nhello, world\nbye\n", "row 3: field \"completion\" is missing"),
     ("csv-header-only", "d.csv", b"prompt,completion\n", "holds no examples"),
@@ -358,8 +359,9 @@ def test_bad_data_file(files, name, content, message, tmp_path, capsys):
     assert data.read_bytes() == content and tree(files.model) == model_before
 
 
-def test_data_path_that_is_a_folder(tmp_path):
-    with pytest.raises(DataError, match=f"data file {tmp_path} is a folder, not a file"):
+def test_data_path_that_is_a_folder_but_no_dataset(tmp_path):
+    """A folder is read as a datasets.save_to_disk folder (the chat issue); any other folder is refused."""
+    with pytest.raises(DataError, match=f"{tmp_path} is not readable as a dataset"):
         read_examples(tmp_path)
 
 

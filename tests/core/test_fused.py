@@ -2,9 +2,10 @@
 
 Both paths draw dropout masks from the same seeds, so with the same RNG state they compute the same function:
 outputs, gradients (x, A, B, magnitude, bias, weight) and 10-step AdamW loss curves agree to float32 rounding,
-with and without dropout, for LoRA, RSLoRA and DoRA, and under gradient checkpointing: outputs and gradients to
-RTOL of each tensor's largest |value| (they are sums, whose rounding follows their largest terms), losses to RTOL
-of each loss; under every SIMD kernel set (ATEN_CPU_CAPABILITY=default, avx2, avx512).
+with and without dropout, for LoRA, RSLoRA and DoRA, and under gradient checkpointing: one layer's outputs and
+gradients to RTOL of each tensor's largest |value| (they are sums, whose rounding follows their largest terms),
+losses to RTOL of each loss, and a whole model's first-step gradients to GRAD_RTOL of each gradient's largest
+|value|; under every SIMD kernel set (ATEN_CPU_CAPABILITY=default, avx2, avx512).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from lorafit.layers import LoraLayer
 from helpers import close, close_to_scale, max_diff, perturb_trainable, tiny_gpt2, tiny_llama
 
 RTOL = 1e-5  # float32 (eps 1.2e-7): ~80 ulps, for sums over tens to a few hundred terms computed in another order
+# a whole model's gradients: rounding carried back through 2 blocks (attention softmax, norms), and small tensors
+# (lora_B, |grad| ~0.02) carry their inputs' error: measured up to 1.9e-5 of the largest |value|, so ~400 ulps
+GRAD_RTOL = 5e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODES = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 
@@ -200,8 +204,8 @@ def test_half_base_is_close_to_reference(path):
     path(True)
     got = layer_run(layer, x)
     assert got[0].dtype == torch.bfloat16
-    # bfloat16 (eps 2^-7): a few ulps of the output's largest |value|, from a base output rounded at another point
-    close_to_scale(got[0].float(), want[0].float(), rtol=2e-2, msg="output")
+    # bfloat16: eps 2^-7 of the largest |output| is one or two of its ulps (the base output rounds in both paths)
+    close_to_scale(got[0].float(), want[0].float(), rtol=2 ** -7, msg="output")
     for name in ("lora_A", "lora_B", "lora_magnitude"):
         assert got[2][name].dtype == torch.float32
         # float32 gradients of a bfloat16 computation: a few bfloat16 ulps of the gradient's largest |value|
@@ -231,7 +235,7 @@ def assert_same_training(got, want):
     divides by sqrt(v), so rounding-level differences in near-zero gradients are amplified)."""
     close(got[0], want[0], rtol=RTOL, atol=0.0, msg="losses")  # relative to each loss (~5: ulp 4.8e-7)
     assert got[1].keys() == want[1].keys()
-    close_to_scale(got[1], want[1], rtol=RTOL, msg="grad")  # each gradient relative to its largest |value|
+    close_to_scale(got[1], want[1], rtol=GRAD_RTOL, msg="grad")  # each gradient relative to its largest |value|
 
 
 def attached(factory, mode: str, dropout: float, **kw):
@@ -316,9 +320,10 @@ def test_torch_compile(path, mode):
     path(True)
     want = train_curve(attached(tiny_llama, mode, 0.1, target_modules="all-linear"), IDS, 3)
     got = train_curve(torch.compile(attached(tiny_llama, mode, 0.1, target_modules="all-linear")), IDS, 3)
-    # compiled base-model ops (fused by inductor) may round differently: 10x the eager paths' RTOL
-    close(got[0], want[0], rtol=10 * RTOL, atol=0.0, msg="losses")
-    close_to_scale({n: got[1]["_orig_mod." + n] for n in want[1]}, want[1], rtol=10 * RTOL, msg="grad")
+    # compiled base-model ops (fused by inductor) round differently, within the eager comparisons' bounds
+    # (measured: losses 1e-7 of each loss, gradients 2.4e-6 of each gradient's largest |value|)
+    close(got[0], want[0], rtol=RTOL, atol=0.0, msg="losses")
+    close_to_scale({n: got[1]["_orig_mod." + n] for n in want[1]}, want[1], rtol=GRAD_RTOL, msg="grad")
 
 
 def _ddp_worker(rank: int, world: int, port: int, mode: str, result_path: str) -> None:
@@ -360,9 +365,9 @@ def test_ddp_trains_like_one_process(path, tmp_path, mode):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, mode, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt")
-    # 3 AdamW steps (lr 1e-2) on gradients that gloo sums in another order: relative to each parameter, plus a
-    # small share of one step's size for entries near 0
-    close(got, want, rtol=RTOL, atol=1e-6)
+    # 3 AdamW steps (lr 1e-2) on gradients that gloo averages (over 2 ranks: the same sums; measured identical):
+    # float32 rounding of each parameter (|p| ~0.2), plus 1e-5 of one step (lr) for entries near 0
+    close(got, want, rtol=RTOL, atol=1e-7)
 
 
 # --- the trainer's optimizer ------------------------------------------------------------------------------------

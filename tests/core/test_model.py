@@ -30,8 +30,9 @@ def test_merge_equals_unmerged_fp32(case):
     assert not any(isinstance(m, lorafit.LoraLayer) for m in merged.modules())
     assert [type(m) for m in merged.modules()] == [type(m) for m in base.modules()]
     assert merged.state_dict().keys() == base.state_dict().keys()
-    # float32: the merged weight rounds W0 + s·B·A once; ~80 ulps of the largest |output|
-    close_to_scale(run(merged, x), unmerged, rtol=1e-5)
+    # float32: the merged weights round W0 + s·B·A (|s·B·A| up to a few times |W0|) once, then 2 blocks; relative
+    # to the largest |output| (~0.4): measured up to 7e-6 ("patterns", s = 4), so ~250 ulps
+    close_to_scale(run(merged, x), unmerged, rtol=3e-5)
 
 
 def test_merge_matches_peft_merge_and_unload():
@@ -59,7 +60,7 @@ def test_merge_half_precision_keeps_dtype_and_stays_within_rounding(dtype):
     merged = run(lorafit.merge(model), x).float()
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
     eps = torch.finfo(dtype).eps
-    # each merged weight is rounded once to the base dtype: the logits move by a few ulps of their magnitude
+    # each merged weight is rounded once to the base dtype: the logits move by a few ulps (16 eps) of the largest
     close_to_scale(merged, unmerged, rtol=16 * eps)
 
 
@@ -104,8 +105,8 @@ def test_pissa_puts_the_principal_part_in_the_adapter():
     layer = model.model.layers[0].self_attn.q_proj
     s = torch.linalg.svdvals(w0)
     residual_s = torch.linalg.svdvals(layer.weight.detach())
-    # the top 4 directions moved into B·A; float32 SVDs of a 32x32 matrix: relative to each singular value (~0.1)
-    close(residual_s[:4], s[4:8], rtol=1e-4, atol=0.0)
+    # the top 4 directions moved into B·A; float32 SVDs of a 32x32 matrix: ~80 ulps of each singular value (~0.1-0.2)
+    close(residual_s[:4], s[4:8], rtol=1e-5, atol=0.0)
 
 
 def test_training_changes_only_the_adapter_and_lowers_the_loss():

@@ -5,9 +5,10 @@ with non-zero adapters (init_lora_weights=False, then perturbed):
 
 * the adapted model (unmerged, and merged) computes the base model with every adapted weight replaced by
   W0 + s·B·A (LoRA) or m ⊙ (W0 + s·B·A) / ||W0 + s·B·A||_row (DoRA), s = alpha / r or alpha / sqrt(r) (RSLoRA),
-  evaluated in float64; tolerance (float32): 1e-5 relative to the output's scale, plus 10x the error that the
-  reference itself makes when evaluated in float32 (small adapters: ~1e-7; a rank-1 DoRA with a large scale makes
-  attention ill-conditioned, and there float32 alone is off by ~1e-5);
+  evaluated in float64; tolerance (float32): 1e-5 of the reference output's largest |value|, plus 10x the error
+  that the reference itself makes when evaluated in float32 (small adapters: ~1e-7; a rank-1 DoRA with a large
+  scale makes attention ill-conditioned, and there float32 alone is off by ~1e-5); measured at most 1/10 of that
+  bound under ATEN_CPU_CAPABILITY=default, avx2 and avx512;
 * save then load is the identity (bit-exact);
 * inside ``disabled`` the model is the base model (bit-exact);
 * merging into a float16/bfloat16 base rounds the float32 result once: within one ulp (plus float32 rounding) of
@@ -33,7 +34,7 @@ from lorafit import LoraConfig
 
 from helpers import example_input, perturb_trainable, run, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
 
-TOL = 1e-5  # float32, relative to max(1, max |reference output|), plus 10x the float32 reference's own error
+TOL = 1e-5  # float32 (~80 ulps), relative to max |reference output|, plus 10x the float32 reference's own error
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +122,7 @@ def reference_outputs(base, adapted, kw, x) -> tuple[torch.Tensor, torch.Tensor]
 
 def close(out: torch.Tensor, expected: tuple[torch.Tensor, torch.Tensor]) -> bool:
     exact, in_float32 = expected
-    tol = TOL * max(1.0, exact.abs().max().item()) + 10 * (in_float32 - exact).abs().max().item()
+    tol = TOL * exact.abs().max().item() + 10 * (in_float32 - exact).abs().max().item()
     return (out.double() - exact).abs().max().item() <= tol
 
 

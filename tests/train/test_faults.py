@@ -287,8 +287,8 @@ def check_killed_run_resumes(out: Path, reference: Path, model_dir: Path, resume
     assert all(s % 2 == 0 for s in steps)
     code = resume(out)
     assert code == 0
-    # the resumed run repeats the uninterrupted run's float32 steps: ulps of each adapter value, and of one
-    # AdamW step (lr 1e-3) for values near 0
+    # the resumed run repeats the uninterrupted run's float32 steps (measured bit-identical): ulps of each adapter
+    # value, and of one AdamW step (lr 1e-3) for values near 0
     close(adapter_of(out), adapter_of(reference), rtol=1e-6, atol=1e-8)
     assert assert_checkpoints_complete(out, model_dir) == list(range(2, 13, 2))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

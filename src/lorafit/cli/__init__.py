@@ -4,6 +4,9 @@
     lorafit plan --model DIR [--config lora.yaml]                                  what a config adapts and costs
     lorafit merge --model DIR --adapter DIR --output DIR                           write a merged checkpoint
     lorafit inspect ADAPTER_DIR                                                    what an adapter holds
+    lorafit data FILE [--model DIR] [--show K] [--json]                            what training will see
+    lorafit eval --model DIR [--adapter DIR] --data FILE [--generate] [--compare]  loss, accuracy, answers
+    lorafit generate | chat --model DIR [--adapter DIR]                            try the result
     lorafit suggest | probe | sweep                                                how to configure LoRA
 
 Exit codes: 0 success, 2 bad usage or input (nothing written), 1 runtime failure.
@@ -17,7 +20,7 @@ import sys
 
 from .. import __version__
 from ..errors import AdapterError, ConfigError, DataError, TrainingError
-from . import adapter, advise, train
+from . import adapter, advise, data, infer, train
 from .common import require
 
 
@@ -27,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)
+    data.add_parsers(sub)
     adapter.add_parsers(sub)
+    infer.add_parsers(sub)  # generate, chat
     advise.add_parsers(sub)  # suggest, probe, sweep
     return parser
 

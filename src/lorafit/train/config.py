@@ -94,6 +94,13 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", SWITCH)
     dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES), one_of(tuple(DTYPES)))
     add_eos: bool = setting(True, "append EOS to completions and texts", SWITCH)
+    group_by_length: bool = setting(True, "batch examples of similar length together (less padding)", SWITCH)
+    pack: bool = setting(False, "text data only: concatenate the examples and cut them into full blocks of "
+                         "max_length tokens (no padding)", SWITCH)
+    train_on_prompt: bool = setting(False, "take the loss on every token, not only on completions and assistant "
+                                    "turns", SWITCH)
+    chat_template: Optional[str] = setting(None, "a Jinja chat template file for conversations, replacing (or "
+                                           "supplying) the tokenizer's", PATH, show_default=False)
     strategy: str = setting("auto", "under torchrun: ddp, fsdp or auto (DDP when a weight copy fits, else FSDP2)",
                             Check(lambda v: v in STRATEGIES, "auto, ddp or fsdp"))
     dist_timeout: float = setting(300, "seconds a collective waits for a dead peer before the job fails",

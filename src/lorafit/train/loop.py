@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from .. import io as lio
 from ..errors import DataError, TrainingError
 from ..files import write_text
-from ..hf import IGNORE, check_model_dir, labelled_logits, load_model, token_loss_sum
+from ..hf import IGNORE, check_model_dir, labelled_logits, load_model, token_loss_sum, use_chat_template
 from ..model import adapter_parameter_names, attach, trainable_parameters
 from ..targets import select_targets
 from . import distributed as D
 from .checkpoint import (append_metrics, latest_checkpoint, load_optimizer_state, optimizer_state, read_metrics,
                          save_checkpoint)
 from .config import TrainConfig
-from .data import Task, batch_indices, collate, file_task, tokenize
+from .data import Task, batch_indices, collate, file_task, pack, tokenize_all
 
 
 def load_task(cfg: TrainConfig) -> Task:
@@ -114,7 +114,10 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False
     total, count, correct = 0.0, 0, 0
     for i in tqdm(range(0, len(examples), cfg.batch_size), desc="evaluating", disable=not progress, leave=False):
         chunk = examples[i:i + cfg.batch_size]
-        batch = collate([tokenize(e, tok, cfg.max_length, cfg.add_eos) for e in chunk], tok.pad_token_id)
+        rows, _ = tokenize_all(chunk, tok, cfg.max_length, cfg.add_eos, train_on_prompt=cfg.train_on_prompt)
+        if not rows:
+            continue
+        batch = collate(rows, tok.pad_token_id)
         logits, targets, sel = labelled_logits(model, batch)  # (N, V), (N,), (B, K)
         logits = logits.float()
         total += F.cross_entropy(logits, targets, reduction="sum").item()
@@ -159,6 +162,7 @@ class Run:
     ckpt: Optional[Path] = None  # the last complete checkpoint (resumed from, then written)
     start: int = 0
     kept: list = field(default_factory=list)  # metrics records of the steps before ``start``
+    counts: dict = field(default_factory=dict)  # training examples cut to max_length / dropped
 
     def log(self, record: dict) -> None:
         if self.d.main:
@@ -224,17 +228,10 @@ def setup(r: Run, *, resume: bool) -> None:
     r.task = load_task(cfg)
     r.model_dir = resolve_model_dir(cfg, progress=r.show)
     model, r.tok = load_model(r.model_dir, cfg.dtype)
+    if cfg.chat_template:
+        use_chat_template(r.tok, cfg.chat_template)
     select_targets(model, cfg.lora)  # a config that does not fit the model fails here, before any file is written
-    r.train_set = [tokenize(e, r.tok, cfg.max_length, cfg.add_eos) for e in r.task.train]
-    if not any(lab != IGNORE for ex in r.train_set for lab in ex["labels"][1:]):
-        raise DataError(f"no training example of {cfg.data or 'the task'} has a token to predict (each needs at "
-                        "least 2 tokens, or a non-empty completion); add longer examples")
-    global_batch = cfg.batch_size * d.world
-    if len(r.train_set) < global_batch:
-        raise DataError(f"the training split has {len(r.train_set)} examples, fewer than one global batch "
-                        f"({cfg.batch_size} x {d.world} processes); add data or lower --batch-size")
-    r.steps = math.ceil(cfg.epochs * len(r.train_set) / (global_batch * cfg.grad_accum)) if cfg.epochs \
-        else cfg.steps
+    training_set(r)
     D.barrier(d)  # every rank has validated its input before rank 0 writes anything
 
     torch.manual_seed(cfg.seed)
@@ -252,6 +249,28 @@ def setup(r: Run, *, resume: bool) -> None:
     r.params = [p for n, p in r.core.named_parameters() if n in names]
     r.optimizer = adamw(r.params, cfg.lr, cfg.weight_decay, fused=r.strategy != "fsdp")
     r.scheduler = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(cfg, r.steps))
+
+
+def training_set(r: Run) -> None:
+    """Tokenize (and with ``pack``, pack) the training split, check it holds something to learn from for one
+    global batch, and set the number of steps."""
+    cfg, d = r.cfg, r.d
+    r.train_set, r.counts = tokenize_all(r.task.train, r.tok, cfg.max_length, cfg.add_eos,
+                                         train_on_prompt=cfg.train_on_prompt, name=str(cfg.data or "the task"))
+    if cfg.pack:
+        if any("text" not in e for e in r.task.train):
+            raise DataError(f"--pack joins text examples into blocks; {cfg.data or 'the task'} is not {{\"text\"}} "
+                            "data (prompt/completion and conversations keep one example per row)")
+        r.train_set = pack(r.train_set, cfg.max_length, r.tok.eos_token_id)
+    if not any(lab != IGNORE for ex in r.train_set for lab in ex["labels"][1:]):
+        raise DataError(f"no training example of {cfg.data or 'the task'} has a token to predict (each needs at "
+                        "least 2 tokens, or a non-empty completion); add longer examples")
+    global_batch = cfg.batch_size * d.world
+    if len(r.train_set) < global_batch:
+        raise DataError(f"the training split has {len(r.train_set)} examples, fewer than one global batch "
+                        f"({cfg.batch_size} x {d.world} processes); add data or lower --batch-size")
+    r.steps = math.ceil(cfg.epochs * len(r.train_set) / (global_batch * cfg.grad_accum)) if cfg.epochs \
+        else cfg.steps
 
 
 def restore(r: Run) -> None:
@@ -274,7 +293,7 @@ def restore(r: Run) -> None:
         write_text(r.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in r.kept))
     n_train, n_total = trainable_parameters(r.core)
     r.say(f"model {r.model_dir} | trainable {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.3f}%) "
-          f"| {len(r.train_set)} train / {len(r.task.eval)} eval examples | {r.steps} steps"
+          f"| {len(r.train_set)} train / {len(r.task.eval)} eval examples{_cut_note(r.counts)} | {r.steps} steps"
           + (f" | {r.d.world} processes, {r.strategy}" if r.d.enabled else ""))
 
 
@@ -289,7 +308,9 @@ def fit(r: Run) -> dict:
         before = {"step": 0, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, progress=r.show, d=r.d)}
         r.log(before)
         r.say(f"before training: {_fmt(before)}")
-    batches = batch_indices(len(r.train_set), cfg.batch_size * r.d.world, cfg.seed, start=r.start * cfg.grad_accum)
+    lengths = [len(t["input_ids"]) for t in r.train_set] if cfg.group_by_length else None
+    batches = batch_indices(len(r.train_set), cfg.batch_size * r.d.world, cfg.seed, start=r.start * cfg.grad_accum,
+                            lengths=lengths)
     bar = tqdm(total=r.steps, initial=r.start, desc="training", disable=not r.show, dynamic_ncols=True)
     for step in range(r.start + 1, r.steps + 1):
         loss, norm = train_step(r, batches, step)
@@ -356,9 +377,33 @@ def finish(r: Run, before: dict) -> dict:
         plot_run(read_metrics(r.out), r.out / "report.png", title=f"lorafit: {r.task.name}")
         write_text(r.out / "trainer_state.json", json.dumps(summary, indent=2))
     r.say(f"after training:  {_fmt(after)}")
+    if r.cfg.data is None and not r.d.enabled:
+        show_answers(r.core, r.tok, r.task.eval[:3], r.say)
     r.say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, "
           f"config.yaml, metrics.jsonl and report.png in {r.out}")
     return summary
+
+
+def show_answers(model, tok, examples: list[dict], say: Callable[[str], None], *, max_new_tokens: int = 3) -> None:
+    """Greedy answers of the base model (adapters disabled) and of the fine-tuned one, on a few held-out
+    prompt/completion examples."""
+    from ..generate import decode, generate, render
+    from ..model import disabled
+
+    model.eval()
+    say("greedy answers on held-out examples (base -> fine-tuned, expected):")
+    for e in examples:
+        ids = render(tok, prompt=e["prompt"], raw=True)
+        with disabled(model):
+            base = decode(tok, generate(model, tok, ids, max_new_tokens=max_new_tokens))
+        tuned = decode(tok, generate(model, tok, ids, max_new_tokens=max_new_tokens))
+        text = e["prompt"].splitlines()[0][:70]
+        say(f"  {text!r}: {base.strip()!r} -> {tuned.strip()!r}, expected {e['completion'].strip()!r}")
+
+
+def _cut_note(counts: dict) -> str:
+    parts = [f"{counts[k]} {k}" for k in ("cut", "dropped") if counts.get(k)]
+    return f" ({', '.join(parts)} at max_length)" if parts else ""
 
 
 def _fmt(ev: dict) -> str:
