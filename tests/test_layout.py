@@ -64,8 +64,8 @@ def files(tmp_path_factory):
     return make_model_dir(d / "m"), make_data(d / "d.jsonl", n=16)
 
 
-@pytest.mark.parametrize("command", ["train", "probe", "sweep"])
-@pytest.mark.parametrize("missing", ["matplotlib", "yaml", "transformers"])
+@pytest.mark.parametrize("command,missing", [("train", "matplotlib"), ("train", "yaml"), ("train", "transformers"),
+                                             ("probe", "matplotlib"), ("sweep", "tqdm")])
 def test_a_command_without_its_extra_says_what_to_install_before_any_work(files, tmp_path, command, missing):
     model, data = files
     out = tmp_path / "out"
