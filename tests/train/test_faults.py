@@ -432,14 +432,13 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resume_completes(f
                                                                                capsys):
     model_dir, data = files
     out = tmp_path / "run"
-    import safetensors.torch
-    real, calls = safetensors.torch.save_file, []
+    real, calls = lio.save_file, []
 
     def second_fails(*args, **kwargs):
         calls.append(1)
         return _enospc() if len(calls) == 2 else real(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", second_fails)  # train imports it at each checkpoint
+    monkeypatch.setattr(lio, "save_file", second_fails)  # io writes every adapter file, checkpoints' too
     code, err = run_train(capsys, "train", "--model", model_dir, "--data", data, "--output", out, *TRAIN)
     monkeypatch.undo()
     assert code == 1
@@ -455,7 +454,12 @@ def test_full_disk_at_the_final_adapter_keeps_the_checkpoints_and_resume_complet
                                                                                    capsys):
     model_dir, data = files
     out = tmp_path / "run"
-    monkeypatch.setattr(lio, "save_file", _enospc)  # write_adapter's writer; checkpoints use safetensors' own
+    real = lio.save_file
+
+    def final_adapter_fails(tensors, filename, *args, **kwargs):  # checkpoints are written inside their own folder
+        return _enospc() if Path(filename).parent == out else real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(lio, "save_file", final_adapter_fails)
     code, err = run_train(capsys, "train", "--model", model_dir, "--data", data, "--output", out, *TRAIN)
     monkeypatch.undo()
     assert code == 1 and f"could not write {out / lio.WEIGHTS_NAME}" in err
