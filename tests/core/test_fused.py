@@ -11,6 +11,7 @@ losses to RTOL of each loss, and a whole model's first-step gradients to GRAD_RT
 from __future__ import annotations
 
 import os
+import gc
 import socket
 
 import pytest
@@ -20,6 +21,7 @@ from torch import nn
 import lorafit
 from lorafit import fused, layers, ops
 from lorafit.layers import LoraLayer
+from lorafit.train.distributed import Dist, leave
 
 from helpers import close, close_to_scale, max_diff, perturb_trainable, tiny_gpt2, tiny_llama
 
@@ -343,7 +345,11 @@ def _ddp_worker(rank: int, world: int, port: int, mode: str, result_path: str) -
         opt.zero_grad(set_to_none=True)
     if rank == 0:
         torch.save({n: p.detach() for n, p in model.module.named_parameters() if p.requires_grad}, result_path)
-    dist.destroy_process_group()
+    # leave as lorafit train does (issue 18): free the DDP wrapper, whose reducer holds the group, before the group
+    # goes; destroying the group first deadlocked a worker in gloo's destructor under load
+    del model, opt
+    gc.collect()
+    leave(Dist(rank, world))
 
 
 @pytest.mark.parametrize("mode", ["dora"])
