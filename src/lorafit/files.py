@@ -71,6 +71,7 @@ def _swap_in(tmp: Path, path: Path, keep_existing: bool) -> None:
         except OSError:
             if not (keep_existing and path.is_dir()):
                 raise
+            shutil.rmtree(tmp, ignore_errors=True)  # the other writer's copy stays; ours goes
         return
     if not path.is_dir():
         raise AdapterError(f"{path} exists and is not a folder; choose another output path")
