@@ -11,6 +11,9 @@ explicit list of adapted module names) and ``adapter_model.safetensors`` with ke
     base_model.model.<module>.base_layer.bias        biases of adapted modules (bias="all" / "lora_only")
     base_model.model.<path>                          other parameters: biases, modules_to_save
 
+Several adapters are saved as PEFT's ``save_pretrained`` saves them: the one named "default" in the folder itself,
+every other one in a subfolder named after it, each with the same two files and keys without the adapter's name.
+
 This is the only module that speaks PEFT's key names; in memory the names stay as the model's own.
 """
 
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 from .files import atomic_dir, replace_file
-from .model import adapter_layers, adapter_parameter_names, attach, state_of
+from .model import DEFAULT, adapter_layers, adapter_parameter_names, attach, check_new, state_of
 from .targets import modules_to_save, select_targets
 from .layers import adapter_shapes, magnitude_shape
 
@@ -50,19 +53,22 @@ def _lora_keys(name: str, kind: str) -> dict[str, str]:
 
 
 def peft_key(param_name: str, layer_kinds: dict[str, str]) -> str:
-    """PEFT's on-disk key for one of our parameter names."""
+    """PEFT's on-disk key for one of our parameter names (an adapter's ``<layer>.adapters.<name>.lora_A`` loses its
+    adapter name, as in PEFT's files)."""
     owner, _, leaf = param_name.rpartition(".")
-    if owner in layer_kinds:
-        return _lora_keys(owner, layer_kinds[owner])[leaf]
+    layer = owner.rpartition(".adapters.")[0] if ".adapters." in owner else owner
+    if layer in layer_kinds and (layer != owner or leaf in ("weight", "bias")):
+        return _lora_keys(layer, layer_kinds[layer])[leaf]
     return PREFIX + param_name
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's key names (detached, contiguous, on the CPU)."""
-    kinds = {name: layer.kind for name, layer in adapter_layers(model)}
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """One adapter's tensors (default: the active one) under PEFT's key names (detached, contiguous, on the CPU)."""
+    name = state_of(model).name(name)
+    kinds = {n: layer.kind for n, layer in adapter_layers(model)}
     params = dict(model.named_parameters())
     out = {}
-    for n in adapter_parameter_names(model):
+    for n in adapter_parameter_names(model, [name]):
         t = params[n].detach()
         if hasattr(t, "full_tensor"):  # an FSDP2 shard: gather the whole tensor (a collective on every rank)
             t = t.full_tensor()
@@ -70,18 +76,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def adapter_config_dict(model: nn.Module) -> dict:
+def adapter_config_dict(model: nn.Module, name: str | None = None) -> dict:
     """adapter_config.json contents: PEFT's fields, with target names and per-module patterns made explicit."""
     state = state_of(model)
-    cfg = state.config
+    info = state.adapters[state.name(name)]
+    cfg, targets = info.config, info.targets
     d = cfg.to_dict()
     d.update(
         peft_type="LORA", task_type=None, inference_mode=True, lora_bias=False,
-        target_modules=sorted(t.name for t in state.targets),
+        target_modules=sorted(t.name for t in targets),
         exclude_modules=None, layers_to_transform=None, layers_pattern=None,
-        rank_pattern={t.name: t.r for t in state.targets if t.r != cfg.r},
-        alpha_pattern={t.name: t.alpha for t in state.targets if t.alpha != cfg.lora_alpha},
-        fan_in_fan_out=any(t.kind == "linear_t" for t in state.targets),
+        rank_pattern={t.name: t.r for t in targets if t.r != cfg.r},
+        alpha_pattern={t.name: t.alpha for t in targets if t.alpha != cfg.lora_alpha},
+        fan_in_fan_out=any(t.kind == "linear_t" for t in targets),
         # the saved factors are already trained: loading must not re-run a weight-based init on the base
         init_lora_weights=cfg.init_lora_weights if cfg.init_lora_weights in (True, False, "gaussian") else True,
         modules_to_save=sorted(state.saved) or None,
@@ -91,13 +98,23 @@ def adapter_config_dict(model: nn.Module) -> dict:
     return d
 
 
-def save(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Save the adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), atomically."""
+def save(model: nn.Module, path: Union[str, Path], *, names: list[str] | None = None) -> Path:
+    """Save adapters (default: all) in PEFT's layout, atomically: "default" in ``path`` itself (adapter_config.json +
+    adapter_model.safetensors), every other adapter in ``path/<name>/``."""
     path = Path(path)
-    tensors = adapter_state_dict(model)
-    config = adapter_config_dict(model)
+    state = state_of(model)
+    names = list(state.adapters) if names is None else [names] if isinstance(names, str) else list(names)
+    for n in names:
+        state.name(n)
+    files = {n: (adapter_state_dict(model, n), adapter_config_dict(model, n)) for n in names}
 
-    return atomic_dir(path, lambda tmp: write_adapter_files(tmp, tensors, config))
+    def write(tmp: Path) -> None:
+        for n, (tensors, config) in files.items():
+            folder = tmp if n == DEFAULT else tmp / n
+            folder.mkdir(exist_ok=True)
+            write_adapter_files(folder, tensors, config)
+
+    return atomic_dir(path, write)
 
 
 def write_adapter_files(folder: Path, tensors: dict[str, Tensor], config: dict) -> None:
@@ -115,8 +132,8 @@ def _write_config(file: Path, config: dict) -> None:
 
 
 def write_adapter(model: nn.Module, folder: Union[str, Path], tensors: dict[str, Tensor] | None = None) -> None:
-    """Write the adapter files into an existing folder (e.g. a run's output), each file replaced atomically;
-    the weights go first, so a folder with a config always has its weights."""
+    """Write the (active) adapter's files into an existing folder (e.g. a run's output), each file replaced
+    atomically; the weights go first, so a folder with a config always has its weights."""
     folder = Path(folder)
     tensors = adapter_state_dict(model) if tensors is None else tensors
     config = adapter_config_dict(model)
@@ -181,7 +198,7 @@ def read_factors(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, dict]]:
 
 def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], set[str], dict[str, str]]:
     """For the model and config: {PEFT key: shape} of everything a file may hold, the keys it must hold, and
-    {PEFT key: our parameter name} for keys that overwrite existing model parameters."""
+    {PEFT key: our parameter name} for keys that overwrite existing model parameters (never other adapters')."""
     targets = select_targets(model, config, strict=False)
     shapes, required, existing = {}, set(), {}
     target_names = {t.name: t for t in targets}
@@ -195,6 +212,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
             shapes[keys["lora_magnitude"]] = magnitude_shape(module, t.kind)
             required.add(keys["lora_magnitude"])
     for pname, p in model.named_parameters(remove_duplicate=False):  # tied weights under every name
+        if ".adapters." in pname:
+            continue
         owner, _, leaf = pname.rpartition(".")
         key = _lora_keys(owner, target_names[owner].kind)[leaf] if owner in target_names else PREFIX + pname
         shapes[key], existing[key] = tuple(p.shape), pname
@@ -203,15 +222,10 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
     return shapes, required, existing
 
 
-def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
-    """Attach the adapter saved at ``path`` (by lorafit or PEFT) to ``model`` in place and return it.
-
-    Every key and shape is checked against the model before anything changes; on a mismatch one AdapterError
-    names the key and both shapes and the model is untouched. The adapter is trainable, as after ``attach``.
-    """
-    config, tensors = read_adapter(path)
+def _check_fits(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
+    """Every key and shape of a read adapter against the model; one AdapterError naming the first misfit."""
     try:
-        shapes, required, existing = _expected_shapes(model, config)
+        shapes, required, _ = _expected_shapes(model, config)
     except ConfigError as e:
         raise AdapterError(f"adapter {path} does not fit this model: {e}") from None
     for key, t in tensors.items():
@@ -225,10 +239,116 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if missing:
         raise AdapterError(f"adapter {path}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
 
-    attach(model, config, init=False)
-    kinds = {name: layer.kind for name, layer in adapter_layers(model)}
-    by_key = {peft_key(n, kinds): p for n, p in model.named_parameters(remove_duplicate=False)}
+
+def adapter_folders(path: Union[str, Path], name: str | None = None) -> list[tuple[str, Path]]:
+    """(adapter name, folder) in a saved folder: PEFT's layout ("default" at the root, others in subfolders named
+    after them). With ``name``: the root's adapter under that name, or else the subfolder ``name``."""
+    path = Path(path)
+    if not path.is_dir():
+        return [(name or DEFAULT, path)]  # read_adapter says what is wrong
+    root = [(name or DEFAULT, path)] if (path / CONFIG_NAME).is_file() else []
+    if name is not None:
+        if not root and (path / name / CONFIG_NAME).is_file():
+            return [(name, path / name)]
+        return root or [(name, path)]  # read_adapter names what is missing
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    return (root + [(p.name, p) for p in subs]) or [(DEFAULT, path)]
+
+
+def load(model: nn.Module, path: Union[str, Path], *, name: str | None = None, replace: bool = False) -> nn.Module:
+    """Attach the adapter(s) saved at ``path`` (by lorafit or PEFT) to ``model`` in place and return it.
+
+    A single-adapter folder becomes adapter ``name`` ("default" unless named); a PEFT multi-adapter folder
+    (``save_pretrained`` with several adapters) brings all of its adapters under their names. As with ``attach``,
+    the first adapter of a model is active and trainable, later ones are added inactive. ``replace=True`` copies the
+    weights into the existing adapter ``name`` instead (a hot swap, see ``swap``). Every folder, key and shape is
+    checked against the model before anything changes; on a misfit one AdapterError names the folder, the key and
+    both shapes, and the model is untouched.
+    """
+    entries = adapter_folders(path, name)
+    read = []
+    for n, folder in entries:
+        try:
+            config, tensors = read_adapter(folder)
+            if not replace:
+                _check_fits(model, folder, config, tensors)
+        except AdapterError as e:
+            sub = f" (subfolder {n!r} of {path})" if len(entries) > 1 else ""
+            raise AdapterError(f"{e}{sub}; nothing was loaded") from None
+        read.append((n, folder, config, tensors))
+    if replace:
+        if len(read) != 1:
+            raise AdapterError(f"replace=True swaps one adapter, but {path} holds {len(read)}; pass name=")
+        n, folder, config, tensors = read[0]
+        return swap(model, folder, config, tensors, name=n)
+    check_new(model, [(n, c) for n, _, c, _ in read])
+    for n, _, config, tensors in read:
+        attach(model, config, name=n, init=False)
+        _copy_in(model, n, tensors)
+    return model
+
+
+def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
+    kinds = {n: layer.kind for n, layer in adapter_layers(model)}
+    mine = set(adapter_parameter_names(model, [name]))
+    by_key = {peft_key(n, kinds): p for n, p in model.named_parameters(remove_duplicate=False)
+              if ".adapters." not in n or n in mine}
     with torch.no_grad():
         for key, t in tensors.items():
             by_key[key].copy_(t)  # copy_ casts to the parameter's dtype and device
+
+
+def swap(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[str, Tensor], *, name: str) -> nn.Module:
+    """Hot swap: copy a saved adapter into the tensors already allocated for adapter ``name``.
+
+    Nothing is reallocated and no Python attribute changes, so a ``torch.compile``d model does not recompile. The
+    new adapter must target the same modules with the same variant; a smaller rank is zero-padded up to the
+    allocated one, and its scale s' is folded into B (B·s'/s), so the layer keeps its s. The adapter is then the
+    same function as the file's, written out (``save``) at the allocated rank and alpha.
+    """
+    state = state_of(model)
+    if name not in state.adapters:
+        raise AdapterError(f"replace=True: no adapter named {name!r} to swap into; this model has "
+                           f"{list(state.adapters)}")
+    info = state.adapters[name]
+    if config.modules_to_save or info.config.modules_to_save:
+        raise AdapterError(f"replace=True swaps LoRA factors only; adapter {path} or {name!r} has modules_to_save")
+    if config.use_dora != info.config.use_dora:
+        raise AdapterError(f"replace=True: adapter {path} has use_dora={config.use_dora} but {name!r} has "
+                           f"use_dora={info.config.use_dora}; the tensors cannot be reused")
+    try:
+        new = {t.name: t for t in select_targets(model, config, strict=False)}
+    except ConfigError as e:
+        raise AdapterError(f"adapter {path} does not fit this model: {e}") from None
+    old = {t.name: t for t in info.targets}
+    if new.keys() != old.keys():
+        diff = sorted(new.keys() ^ old.keys())
+        raise AdapterError(f"replace=True: adapter {path} targets other modules than {name!r} (they differ in "
+                           f"{len(diff)}, e.g. {diff[:3]}); load it under a new name instead")
+    for t in new.values():
+        if t.r > old[t.name].r:
+            raise AdapterError(f"replace=True: adapter {path} has rank {t.r} at {t.name!r}, larger than the "
+                               f"allocated rank {old[t.name].r} of {name!r}; load it under a new name instead")
+    layers = dict(adapter_layers(model))
+    factors = {}
+    for tname, t in new.items():  # read and check everything first
+        keys = _lora_keys(tname, t.kind)
+        module = layers[tname]
+        a_shape, b_shape = adapter_shapes(module.base, t.kind, t.r)
+        got = {part: tensors.get(keys[part]) for part in ("lora_A", "lora_B", "lora_magnitude")}
+        for part, shape in (("lora_A", a_shape), ("lora_B", b_shape)) + \
+                ((("lora_magnitude", magnitude_shape(module.base, t.kind)),) if config.use_dora else ()):
+            if got[part] is None or tuple(got[part].shape) != tuple(shape):
+                have = None if got[part] is None else tuple(got[part].shape)
+                raise AdapterError(f"adapter {path}: key {keys[part]!r} has shape {have} but the model expects "
+                                   f"{tuple(shape)}; nothing was swapped")
+        factors[tname] = got
+    with torch.no_grad():
+        for tname, got in factors.items():
+            ad = layers[tname].adapters[name]
+            r = new[tname].r
+            ad.lora_A.zero_()[:r].copy_(got["lora_A"])
+            ad.lora_B.zero_()[:, :r].copy_(got["lora_B"].double() * (new[tname].scaling / ad.scaling))
+            if ad.lora_magnitude is not None:
+                ad.lora_magnitude.copy_(got["lora_magnitude"])
     return model

@@ -1,18 +1,21 @@
-"""The LoRA layer: one module for Linear, transformers Conv1D, Embedding and Conv, with DoRA as a mode.
+"""The LoRA layer: one module for Linear, transformers Conv1D, Embedding and Conv, holding one or more named adapters.
 
     LoRA (Hu et al., 2021, eq. 3):   h = W0·x + b + s·B·A·drop(x)
     DoRA (Liu et al., 2024, eq. 5):  h = (m / ||W0 + s·B·A||_row) ⊙ (W0·x + s·B·A·drop(x)) + b
 
 The layer keeps the wrapped module's ``weight`` and ``bias`` Parameters by reference, so the base keys of the
-model's state_dict do not change (``q_proj.weight`` stays ``q_proj.weight``). The adapter adds ``lora_A`` (r, in),
-``lora_B`` (out, r) and, for DoRA, ``lora_magnitude`` (out,). The original module is kept (unregistered) so that
-``merge`` can put it back.
+model's state_dict do not change (``q_proj.weight`` stays ``q_proj.weight``). Each adapter is an ``Adapter`` in
+``layer.adapters[name]`` holding ``lora_A`` (r, in), ``lora_B`` (out, r) and, for DoRA, ``lora_magnitude`` (out,),
+so its parameters are named ``q_proj.adapters.<name>.lora_A`` in memory (on disk ``io`` writes PEFT's names). The
+original module is kept (unregistered) so that ``merge`` can put it back.
 
-Two forward paths compute the same function. In training mode, Linear and Conv1D layers take the fused path
-(``fused.lora_linear``: one autograd function, no saved dropout copies, DoRA without the full matrix); the plain
-composition below is the reference, used in eval mode, for embeddings and convs, under autocast, and everywhere when
-``FUSED`` is False (``lorafit.layers.FUSED = False``, or ``LORAFIT_FUSED=0`` in the environment). Both draw their
-dropout masks from ``fused.dropout_seed``, so with the same RNG state they see the same masks.
+``layer.active`` names the adapters in effect. With one, two forward paths compute the same function: in training
+mode, Linear and Conv1D layers take the fused path (``fused.lora_linear``: one autograd function, no saved dropout
+copies, DoRA without the full matrix); the plain composition is the reference, used in eval mode, for embeddings and
+convs, under autocast, and everywhere when ``FUSED`` is False (``lorafit.layers.FUSED = False``, or
+``LORAFIT_FUSED=0``). Both draw their dropout masks from ``fused.dropout_seed``. Several active adapters add up as in
+PEFT, in order (``sum_forward``).
+``layer.routing`` (set by ``lorafit.per_row``) replaces all of this with a per-row choice of adapter.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ FUSED = os.environ.get("LORAFIT_FUSED", "1") != "0"  # the fused training path f
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The ops kind of a supported module, or None."""
+    """The ops kind of a supported module (or of the module a LoraLayer wraps), or None."""
+    if isinstance(module, LoraLayer):
+        return module.kind
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -62,17 +67,14 @@ def magnitude_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
     return (1, n_out, *([1] * (module.weight.dim() - 2))) if kind == "conv" else (n_out,)
 
 
-class LoraLayer(nn.Module):
-    """A supported layer plus a low-rank update; see the module docstring for the formulas."""
+class Adapter(nn.Module):
+    """One named low-rank update: ``lora_A`` (r, in), ``lora_B`` (out, r), DoRA's ``lora_magnitude`` (out,), its
+    scale s and its (seeded) dropout."""
 
-    def __init__(self, base: nn.Module, kind: str, r: int, alpha: float, scale: float,
+    def __init__(self, base: nn.Module, kind: str, r: int, alpha: float, scale: float, *,
                  dropout: float = 0.0, use_dora: bool = False) -> None:
         super().__init__()
-        self.kind, self.r, self.alpha, self.scaling, self.use_dora = kind, r, alpha, scale, use_dora
-        self.enabled = True
-        object.__setattr__(self, "base", base)  # not a submodule: its weight/bias are ours by reference
-        self.weight = base.weight
-        self.register_parameter("bias", getattr(base, "bias", None))
+        self.r, self.alpha, self.scaling, self.use_dora = r, alpha, scale, use_dora
         w = base.weight
         # fp16/bf16 bases get float32 adapters (as PEFT's autocast_adapter_dtype): small updates survive rounding
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -83,11 +85,63 @@ class LoraLayer(nn.Module):
         self.lora_magnitude = nn.Parameter(torch.ones(m_shape, dtype=dtype, device=w.device)) if use_dora else None
         # a seeded nn.Dropout: its masks are the fused path's masks (embeddings take ids: no dropout, as PEFT)
         self.dropout = fused.SeededDropout(dropout if kind != "embedding" else 0.0)
-        self._w0_sq: tuple | None = None  # DoRA: (weight key, ||W0_i||²), recomputed only when the weight changes
+        self.w0_sq: tuple | None = None  # DoRA: (weight key, ||W0_i||²), recomputed only when the weight changes
 
     def extra_repr(self) -> str:
-        dora = ", dora" if self.use_dora else ""
-        return f"{self.kind}, {tuple(self.weight.shape)}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}" + (", dora" if self.use_dora else "")
+
+
+class LoraLayer(nn.Module):
+    """A supported layer plus named low-rank updates; see the module docstring for the formulas.
+
+    ``LoraLayer(base, kind, r, alpha, scale, dropout, use_dora)`` wraps ``base`` with one adapter named "default";
+    ``LoraLayer(base, kind)`` wraps it with none (``add`` them).
+    """
+
+    def __init__(self, base: nn.Module, kind: str, r: int | None = None, alpha: float = 8.0, scale: float = 1.0,
+                 dropout: float = 0.0, use_dora: bool = False, *, name: str = "default") -> None:
+        super().__init__()
+        self.kind = kind
+        self.enabled = True
+        object.__setattr__(self, "base", base)  # not a submodule: its weight/bias are ours by reference
+        self.weight = base.weight
+        self.register_parameter("bias", getattr(base, "bias", None))
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()  # the adapters in effect here, in order
+        self.routing = None  # lorafit.per_row's plan while its context is open: forward(layer, x) -> Tensor
+        if r is not None:
+            self.add(name, r, alpha, scale, dropout=dropout, use_dora=use_dora)
+
+    def add(self, name: str, r: int, alpha: float, scale: float, *, dropout: float = 0.0,
+            use_dora: bool = False, activate: bool = True) -> Adapter:
+        """Allocate a (zero) adapter ``name``; it joins ``active`` unless ``activate`` is False."""
+        adapter = Adapter(self.base, self.kind, r, alpha, scale, dropout=dropout, use_dora=use_dora)
+        self.adapters[name] = adapter
+        if activate:
+            self.active = (*self.active, name)
+        return adapter
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {tuple(self.weight.shape)}, active={list(self.active)}"
+
+    # --- the one active adapter (what training and single-adapter code use) --------------------------------------
+
+    @property
+    def adapter(self) -> Adapter:
+        """The active adapter, when exactly one is active here."""
+        if len(self.active) != 1:
+            raise ValueError(f"{len(self.active)} adapters are active on this layer ({list(self.active)}); "
+                             "this needs exactly one (lorafit.set_active)")
+        return self.adapters[self.active[0]]
+
+    lora_A = property(lambda self: self.adapter.lora_A)
+    lora_B = property(lambda self: self.adapter.lora_B)
+    lora_magnitude = property(lambda self: self.adapter.lora_magnitude)
+    r = property(lambda self: self.adapter.r)
+    alpha = property(lambda self: self.adapter.alpha)
+    scaling = property(lambda self: self.adapter.scaling)
+    use_dora = property(lambda self: self.adapter.use_dora)
+    dropout = property(lambda self: self.adapter.dropout)
 
     # --- pieces ------------------------------------------------------------------------------------------
 
@@ -102,77 +156,106 @@ class LoraLayer(nn.Module):
             return F.embedding(x, w, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
         return b._conv_forward(x, w, bias)
 
-    def lora_forward(self, x: Tensor) -> Tensor:
+    def lora_forward(self, x: Tensor, ad: Adapter | None = None) -> Tensor:
         """s·B·A·drop(x), in the adapter's dtype; the scale is applied to the rank-r intermediate."""
-        A, B = self.lora_A, self.lora_B
+        ad = self.adapter if ad is None else ad
+        A, B = ad.lora_A, ad.lora_B
         if self.kind == "embedding":
             b = self.base
             h = F.embedding(x, A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
-            return (h * self.scaling) @ B.t()  # (..., r) @ (r, dim) -> (..., dim)
-        x = self.dropout(x.to(A.dtype), source=x)
+            return (h * ad.scaling) @ B.t()  # (..., r) @ (r, dim) -> (..., dim)
+        x = ad.dropout(x.to(A.dtype), source=x)
         if self.kind == "conv":
             conv = F.conv1d if A.dim() == 3 else F.conv2d
             h = conv(x, A, None, self.base.stride, self.base.padding)  # (N, r, *spatial)
-            return conv(h * self.scaling, B)  # 1x1 conv: (N, out, *spatial)
-        return F.linear(F.linear(x, A) * self.scaling, B)  # (..., in) -> (..., r) -> (..., out)
+            return conv(h * ad.scaling, B)  # 1x1 conv: (N, out, *spatial)
+        return F.linear(F.linear(x, A) * ad.scaling, B)  # (..., in) -> (..., r) -> (..., out)
 
-    def weight_norm(self) -> Tensor:
+    def weight_norm(self, ad: Adapter | None = None) -> Tensor:
         """||W0 + s·B·A|| per output row, detached (DoRA §4.3)."""
-        return ops.dora_norm(ops.as_matrix(self.weight, self.kind), self.lora_A, self.lora_B, self.scaling)
+        ad = self.adapter if ad is None else ad
+        return ops.dora_norm(ops.as_matrix(self.weight, self.kind), ad.lora_A, ad.lora_B, ad.scaling)
 
-    def dora_factor(self) -> Tensor:
+    def dora_factor(self, ad: Adapter | None = None) -> Tensor:
         """m / ||W0 + s·B·A||, shaped to broadcast over the layer's output."""
-        m = self.lora_magnitude  # (out,), conv: (1, out, 1, ...)
-        return m / self.weight_norm().to(m.dtype).view(m.shape)
+        ad = self.adapter if ad is None else ad
+        m = ad.lora_magnitude  # (out,), conv: (1, out, 1, ...)
+        return m / self.weight_norm(ad).to(m.dtype).view(m.shape)
+
+    def _bias_view(self, out: Tensor) -> Tensor:
+        return self.bias.view(1, -1, *([1] * (out.dim() - 2))) if self.kind == "conv" else self.bias
 
     # --- forward -----------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.base_forward(x, self.bias)
+        if self.routing is not None:
+            return self.routing(self, x)
+        if not self.active:
+            return self.base_forward(x, self.bias)
+        if len(self.active) > 1:
+            return self.sum_forward(x, [self.adapters[n] for n in self.active])
+        ad = self.adapters[self.active[0]]
         if FUSED and self.training and self.kind in ("linear", "linear_t") \
                 and not torch.is_autocast_enabled(x.device.type):
-            return self.fused_forward(x)
-        if not self.use_dora:
+            return self.fused_forward(x, ad)
+        if not ad.use_dora:
             out = self.base_forward(x, self.bias)
-            return out + self.lora_forward(x).to(out.dtype)
+            return out + self.lora_forward(x, ad).to(out.dtype)
         out = self.base_forward(x, None)
-        out = (self.dora_factor() * (out + self.lora_forward(x))).to(out.dtype)
+        out = (self.dora_factor(ad) * (out + self.lora_forward(x, ad))).to(out.dtype)
         if self.bias is not None:  # DoRA rescales the weight, never the bias
-            out = out + (self.bias.view(1, -1, *([1] * (out.dim() - 2))) if self.kind == "conv" else self.bias)
+            out = out + self._bias_view(out)
+        return out
+
+    def sum_forward(self, x: Tensor, adapters: list[Adapter]) -> Tensor:
+        """Several adapters at once, in order, as PEFT adds them: a LoRA adapter adds s·B·A·x; a DoRA adapter adds
+        (f - 1)·y + f·s·B·A·x, with f = m/||W0 + s·B·A|| and y the output so far without the bias."""
+        out = self.base_forward(x, self.bias)
+        for ad in adapters:
+            delta = self.lora_forward(x, ad)
+            if ad.use_dora:
+                f = self.dora_factor(ad)
+                y = out if self.bias is None else out - self._bias_view(out)
+                delta = (f - 1) * y.to(delta.dtype) + f * delta
+            out = out + delta.to(out.dtype)
         return out
 
     @torch.compiler.disable
-    def fused_forward(self, x: Tensor) -> Tensor:
+    def fused_forward(self, x: Tensor, ad: Adapter | None = None) -> Tensor:
         """The same function as ``forward``'s reference path, as one autograd function (``fused.lora_linear``)."""
+        ad = self.adapter if ad is None else ad
         w0_sq = None
-        if self.use_dora:
+        if ad.use_dora:
             w = self.weight
             key = (w.data_ptr(), w._version, w.device, w.dtype)
-            if self._w0_sq is None or self._w0_sq[0] != key:  # W0 is frozen: changes only by load, init or .to()
-                self._w0_sq = (key, fused.row_sq_norms(ops.as_matrix(w, self.kind), self.lora_A.dtype))
-            w0_sq = self._w0_sq[1]
-        return fused.lora_linear(x, self.weight, self.bias, A=self.lora_A, B=self.lora_B, s=self.scaling,
-                                 p=self.dropout.p if self.training else 0.0, transposed=self.kind == "linear_t",
-                                 magnitude=self.lora_magnitude, w0_sq=w0_sq)
+            if ad.w0_sq is None or ad.w0_sq[0] != key:  # W0 is frozen: changes only by load, init or .to()
+                ad.w0_sq = (key, fused.row_sq_norms(ops.as_matrix(w, self.kind), ad.lora_A.dtype))
+            w0_sq = ad.w0_sq[1]
+        return fused.lora_linear(x, self.weight, self.bias, A=ad.lora_A, B=ad.lora_B, s=ad.scaling,
+                                 p=ad.dropout.p if self.training else 0.0, transposed=self.kind == "linear_t",
+                                 magnitude=ad.lora_magnitude, w0_sq=w0_sq)
 
-    # --- initialisation -----------------------------------------------------------------------------------
+    # --- initialisation and merging ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def reset_adapter(self, init) -> None:
+    def reset_adapter(self, init, name: str | None = None) -> None:
         """Initialise A, B (and W0 for PiSSA/OLoRA, and m for DoRA) as PEFT does for ``init_lora_weights``."""
+        ad = self.adapter if name is None else self.adapters[name]
         if init in ("pissa", "olora"):
             W0 = ops.as_matrix(self.weight, self.kind)
-            A, B, residual = ops.init_from_weight(W0, self.r, self.scaling, init)
-            self.lora_A.copy_(A)
-            self.lora_B.copy_(B)
+            A, B, residual = ops.init_from_weight(W0, ad.r, ad.scaling, init)
+            ad.lora_A.copy_(A)
+            ad.lora_B.copy_(B)
             self.weight.copy_(ops.from_matrix(residual, self.kind, self.weight.shape))
         else:
-            ops.init_lora(self.lora_A, self.lora_B, self.kind, init, self.r)
-        if self.use_dora:
-            self.lora_magnitude.copy_(self.weight_norm().view(self.lora_magnitude.shape))
+            ops.init_lora(ad.lora_A, ad.lora_B, self.kind, init, ad.r)
+        if ad.use_dora:
+            ad.lora_magnitude.copy_(self.weight_norm(ad).view(ad.lora_magnitude.shape))
 
-    def merged_weight(self) -> Tensor:
-        """The base weight with this adapter folded in (float32 math, base dtype)."""
-        return ops.merged_weight(self.weight, self.kind, self.lora_A, self.lora_B, self.scaling,
-                                 self.lora_magnitude.flatten() if self.use_dora else None)
+    def merged_weight(self, name: str | None = None) -> Tensor:
+        """The base weight with one adapter folded in (float32 math, base dtype)."""
+        ad = self.adapter if name is None else self.adapters[name]
+        return ops.merged_weight(self.weight, self.kind, ad.lora_A, ad.lora_B, ad.scaling,
+                                 ad.lora_magnitude.flatten() if ad.use_dora else None)

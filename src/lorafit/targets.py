@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .layers import layer_kind
+from .layers import LoraLayer, layer_kind
 from .ops import scaling
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -185,6 +185,7 @@ def _target(n: str, m: nn.Module, cfg: LoraConfig) -> Target:
     kind = layer_kind(m)
     if kind is None:
         raise _unsupported(n, m)
+    m = m.base if isinstance(m, LoraLayer) else m  # a layer that already holds another adapter
     if kind == "conv" and (m.groups != 1 or m.padding_mode != "zeros" or any(d != 1 for d in m.dilation)):
         raise ConfigError(f"target module {n!r} is a {type(m).__name__} with groups={m.groups}, "
                           f"dilation={m.dilation}, padding_mode={m.padding_mode!r}; lorafit adapts convolutions "
@@ -216,7 +217,8 @@ def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> li
     list of names (suffix match at a dot). ``strict=False`` (reading a saved adapter) accepts target entries that
     only excluded modules match, as PEFT writes "all-linear" expanded to names before applying exclude_modules.
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
+    wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, LoraLayer)]  # an adapter's insides
+    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(w) for w in wrapped)]
     all_names = [n for n, _ in named]
     spec = _default_spec(model) if cfg.target_modules is None else cfg.target_modules
     saved = modules_to_save(model, cfg)

@@ -110,7 +110,7 @@ def layer_run(layer: LoraLayer, x: torch.Tensor, rng_seed: int = 5):
     out = layer(x)
     w = torch.linspace(-1, 1, out.numel()).view(out.shape)
     (out * w).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    grads = {n.rpartition(".")[2]: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     layer.zero_grad(set_to_none=True)
     return out.detach(), x.grad, grads
 

@@ -133,7 +133,7 @@ def test_training_changes_only_the_adapter_and_lowers_the_loss():
     after = model.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base)  # base weights bit-identical
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{i}.lora_{w}" for i in ("0", "2") for w in ("A", "B", "magnitude")}
+    assert trainable == {f"{i}.adapters.default.lora_{w}" for i in ("0", "2") for w in ("A", "B", "magnitude")}
 
 
 def test_merge_unties_tied_embeddings():

@@ -102,9 +102,9 @@ def test_pissa_on_an_embedding_is_refused():
         names(tiny_llama(), target_modules=["embed_tokens"], init_lora_weights="pissa")
 
 
-def test_attach_twice_is_refused():
+def test_attach_twice_under_the_same_name_is_refused():
     model = lorafit.attach(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already has a lorafit adapter"):
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         lorafit.attach(model, LoraConfig(target_modules=["v_proj"]))
 
 
