@@ -4,7 +4,8 @@
     python benchmarks/mixed.py --rounds 5 --batch 32 --seq 128 --adapters 8 --rank 16
 
 Setup (issue 14): 8 adapters, all-linear, r=16, random factors; batch 32 x 128 tokens, rows assigned to random
-adapters and 1/8 of them to the base. Forward latency, under torch.inference_mode, of
+adapters and 1/8 of them to the base. Forward latency (a prefill: every layer on all tokens, the logits of the last
+position only, ``logits_to_keep=1``), under torch.inference_mode, of
   (a) the base model alone, (b) one adapter unmerged, (c) one adapter merged, (d) lorafit per_row,
   (e) PEFT adapter_names= (and PEFT's one adapter unmerged, for reference);
 and (f) decode: per-token latency of greedy generation, 32 new tokens for a batch of 16 mixed rows, lorafit vs PEFT
@@ -25,6 +26,9 @@ import time
 import torch
 
 THREADS = 2
+# glibc keeps freed memory instead of returning it to the OS, so large temporaries do not page-fault every call (as
+# benchmarks/step.py --retain-heap); the process re-executes itself once with this set
+RETAIN_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 def build_base(seed: int = 0):
@@ -92,6 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="per-op breakdown of decoding (printed anyway when a "
                     "target is missed)")
     args = ap.parse_args(argv)
+    if os.environ.get("GLIBC_TUNABLES") != RETAIN_HEAP:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": RETAIN_HEAP})
     torch.set_num_threads(THREADS)
     import lorafit
     import peft  # noqa: F401
@@ -106,12 +112,12 @@ def main(argv=None) -> None:
     lorafit.set_active(ours, names[0])
     ref.set_adapter(names[0])
 
-    def fwd(model, **kw):
-        return lambda: model(input_ids=ids, **kw)
+    def fwd(model, **kw):  # logits of the last position only: the 32x128x49152 logits would dominate
+        return lambda: model(input_ids=ids, logits_to_keep=1, **kw)
 
     def per_row():
         with lorafit.per_row(ours, rows):
-            ours(input_ids=ids)
+            ours(input_ids=ids, logits_to_keep=1)
 
     configs = {
         "a base": fwd(base),
@@ -133,6 +139,9 @@ def main(argv=None) -> None:
         return run
     decode_ours.prompt = prompt
 
+    def decode_base(k):
+        return lambda: base.generate(input_ids=prompt, max_new_tokens=k, min_new_tokens=k, **gen)
+
     def decode_peft(k):
         return lambda: ref.generate(input_ids=prompt, max_new_tokens=k, min_new_tokens=k,
                                     adapter_names=["__base__" if n is None else n for n in drows], **gen)
@@ -145,12 +154,13 @@ def main(argv=None) -> None:
         t_ours, t_peft = decode_ours(4)(), decode_peft(4)()
         same_tokens = torch.equal(t_ours, t_peft)
         times = {k: [] for k in configs}
-        decode = {"lorafit": [], "PEFT": []}
+        decode = {"base": [], "lorafit": [], "PEFT": []}
         order = list(configs)
         for rnd in range(args.rounds):
             for k in order[rnd % len(order):] + order[:rnd % len(order)]:
                 times[k].append(timed(configs[k]))
-            for who, make in (("lorafit", decode_ours), ("PEFT", decode_peft))[::(1 if rnd % 2 else -1)]:
+            for who, make in (("base", decode_base), ("lorafit", decode_ours),
+                              ("PEFT", decode_peft))[::(1 if rnd % 2 else -1)]:
                 long, short = timed(make(args.decode_tokens + 1)), timed(make(1))
                 decode[who].append((long - short) / args.decode_tokens)
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
@@ -170,7 +180,8 @@ def main(argv=None) -> None:
     d, e = over["d lorafit per_row"], over["e PEFT adapter_names="]
     dec = {k: statistics.median(v) * 1e3 for k, v in decode.items()}
     print(f"\n(f) decode, {args.decode_batch} mixed rows, {args.decode_tokens} new tokens after a {args.prompt}-token "
-          f"prompt: lorafit {dec['lorafit']:.1f} ms/token, PEFT {dec['PEFT']:.1f} ms/token, "
+          f"prompt: base model {dec['base']:.1f} ms/token, lorafit per_row {dec['lorafit']:.1f} ms/token, PEFT "
+          f"{dec['PEFT']:.1f} ms/token (overheads {dec['lorafit'] - dec['base']:+.1f} vs {dec['PEFT'] - dec['base']:+.1f}), "
           f"PEFT / lorafit = {dec['PEFT'] / dec['lorafit']:.2f}x")
     b = over["b one adapter, unmerged (lorafit)"]
     print(f"\ntargets: d's overhead / b's = {d / b:.2f} (<= 1.5); d's overhead / e's = {d / e:.2f} (<= 0.5); "

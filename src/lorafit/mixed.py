@@ -10,8 +10,9 @@ whole batch. Two schedules, chosen per call from the number of tokens per row T:
 
 * long rows (prefill): gather each row's factors, A_i (r, in) and B_i (out, r), and add B_i·(A_i·x_i) into the base
   output with two batched matmuls (``bmm``, ``baddbmm_``): the LoRA flops of a single adapter, no copy of x;
-* short rows (decode, T·(n-1) < 16): one matmul against all n adapters' A stacked (n·r, in), a mask keeping each
-  row's own r columns, one matmul against the stacked B: four ops per layer whatever the number of adapters.
+* short rows (decode, T·(n-1) < 16): one matmul against the A of every adapter the batch uses, stacked (u·r, in), a
+  mask keeping each row's own r columns, one matmul against the stacked B into the base output: three ops per
+  layer whatever the number of adapters.
 
 Embeddings gather A's columns by (adapter, token id); convolutions fall back to a loop over the adapters in the
 batch. Inference only: training mode is refused.
@@ -80,7 +81,19 @@ class Routing:
         self.names = list(names)
         self.expand_ok = False  # set while model.generate runs: beams / sampled sequences repeat each row
         self._slots: dict = {}  # (layer's adapter names, rows) -> (rows,) slot index per row
-        self._keep: dict = {}  # (slots, n, r, dtype) -> the stacked schedule's column mask
+        self._stacked: dict = {}  # id(layer) -> (its stacks, slots, the decode schedule's tensors)
+        self._layers: dict = {}  # id(layer) -> [layer, its stacks, {rows: slots}]: read once per context
+
+    def layer_state(self, layer: LoraLayer, rows: int, device: torch.device) -> tuple[dict, Tensor]:
+        """The layer's stacks and the batch's slots, looked up once per context (the factors are read when a context
+        first runs a layer: changing them inside a context takes effect in the next one)."""
+        entry = self._layers.get(id(layer))
+        if entry is None or entry[0] is not layer:
+            entry = self._layers[id(layer)] = [layer, _stacks(layer), {}]
+        slots = entry[2].get(rows)
+        if slots is None:
+            slots = entry[2][rows] = self.slots(entry[1]["names"], rows, device)
+        return entry[1], slots
 
     def slots(self, layer_names: list[str], rows: int, device: torch.device) -> Tensor:
         key = (tuple(layer_names), rows, device)
@@ -94,19 +107,32 @@ class Routing:
             self._slots[key] = slot.repeat_interleave(rows // n)  # generate repeats each row k times in place
         return self._slots[key]
 
-    def keep(self, slot: Tensor, n: int, r: int, dtype: torch.dtype) -> Tensor:
-        """(rows, 1, n·r) mask: 1 on the r columns of each row's own adapter (none for the base)."""
-        key = (slot.data_ptr(), n, r, dtype)
-        if key not in self._keep:
-            self._keep[key] = F.one_hot(slot, n + 1)[:, :n].to(dtype).repeat_interleave(r, dim=1).unsqueeze(1)
-        return self._keep[key]
+    def stacked(self, layer: LoraLayer, st: dict, slot: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The decode schedule's (A_cat (u·r, in), B_cat (out, u·r), keep (rows, 1, u·r)) over the u adapters this
+        batch uses (all n: the layer's own stacks, no copy); keep is 1 on each row's own r columns, none for the base.
+        Kept for the context (holding ``st``, so an entry is valid while its stacks are the layer's)."""
+        entry = self._stacked.get(id(layer))
+        if entry is not None and entry[0] is st and entry[1] is slot:
+            return entry[2]
+        n, r = len(st["names"]), st["r"]
+        used = sorted(set(slot.tolist()) - {n})
+        if len(used) == n:
+            A_cat, B_cat = st["A_cat"], st["B_cat"]
+        else:
+            idx = torch.tensor(used, dtype=torch.long, device=slot.device)
+            A_cat = st["A"][idx].reshape(-1, st["A"].shape[-1])  # (u·r, in)
+            B_cat = st["B"][idx].permute(1, 0, 2).reshape(st["B"].shape[1], -1)  # (out, u·r)
+        pos = {j: i for i, j in enumerate(used)}
+        local = torch.tensor([pos.get(j, len(used)) for j in slot.tolist()], device=slot.device)
+        keep = F.one_hot(local, len(used) + 1)[:, :len(used)].to(dtype).repeat_interleave(r, dim=1).unsqueeze(1)
+        self._stacked[id(layer)] = (st, slot, (A_cat, B_cat, keep))
+        return A_cat, B_cat, keep
 
     def __call__(self, layer: LoraLayer, x: Tensor) -> Tensor:
         if layer.training:
             raise AdapterError("lorafit.per_row is for inference; the model is in training mode (call model.eval())")
-        st = _stacks(layer)
         rows = x.shape[0]
-        slot = self.slots(st["names"], rows, x.device)
+        st, slot = self.layer_state(layer, rows, x.device)
         if layer.kind == "conv":
             return _conv_rows(layer, x, st, slot)
         f = st["f"]
@@ -120,12 +146,12 @@ class Routing:
             xa = xa if xa.dtype == st["A"].dtype else xa.to(st["A"].dtype)
             in_place = f is None and out.dtype == xa.dtype and out.is_contiguous()
             if xa.shape[1] * (len(st["names"]) - 1) < DECODE_WORK:
-                keep = self.keep(slot, len(st["names"]), st["r"], xa.dtype)
-                h = (xa @ st["A_cat"].t()).mul_(keep)  # (rows, T, n·r): every adapter's A·x, each row's own kept
+                A_cat, B_cat, keep = self.stacked(layer, st, slot, xa.dtype)
+                h = (xa @ A_cat.t()).mul_(keep)  # (rows, T, u·r): every used adapter's A·x, each row's own kept
                 if in_place:
-                    o3.view(-1, o3.shape[-1]).addmm_(h.view(-1, h.shape[-1]), st["B_cat"].t())  # += (N, n·r)@(n·r, out)
+                    o3.view(-1, o3.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B_cat.t())  # += (N, u·r) @ (u·r, out)
                     return out
-                delta = h @ st["B_cat"].t()  # (rows, T, n·r) @ (n·r, out) -> (rows, T, out)
+                delta = h @ B_cat.t()  # (rows, T, u·r) @ (u·r, out) -> (rows, T, out)
             else:
                 B_rows = st["B"][slot].transpose(1, 2)  # (rows, r, out)
                 h = torch.bmm(xa, st["A"][slot].transpose(1, 2))  # (rows, T, in) @ (rows, in, r) -> (rows, T, r)

@@ -97,12 +97,12 @@ def test_set_active_none_and_disabled_give_the_base():
     assert not any(p.requires_grad for p in ours.parameters())
 
 
+@pytest.mark.parametrize("names", [["a", None, "b", "a", "b", None], ["b", None, "b", "b"]])  # all used / a subset
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("length", [1, 9])
-def test_per_row_matches_peft_adapter_names(length, schedule, monkeypatch):
+def test_per_row_matches_peft_adapter_names(length, schedule, names, monkeypatch):
     monkeypatch.setattr(lorafit.mixed, "DECODE_WORK", SCHEDULES[schedule])
     base, ours, ref = build(LORA_ONLY)
-    names = ["a", None, "b", "a", "b", None]
     x = ids(len(names), length)
     with lorafit.per_row(ours, names):
         got = logits(ours, x)
