@@ -88,7 +88,7 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
         use_chat_template(tok, chat_template)
     if adapter_dir is not None:
         try:
-            load(model, adapter_dir)
+            load(model, adapter_dir, name="default")  # the folder's own adapter, not its subfolders
         except AdapterError as e:
             raise AdapterError(_mismatch(str(e), adapter_dir, model_dir)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -140,7 +140,7 @@ def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str
     model_dir = check_model_dir(model_dir)
     read_adapter(adapter_dir)  # a broken adapter fails before the (slow) model load
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    merge(load(model, adapter_dir))
+    merge(load(model, adapter_dir, name="default"))  # the folder's own adapter, not its subfolders
     with writing_dir(output, name_errors=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         try:

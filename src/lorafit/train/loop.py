@@ -237,7 +237,7 @@ def setup(r: Run, *, resume: bool) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     r.ckpt = latest_checkpoint(r.out) if resume else None
-    lio.load(model, r.ckpt) if r.ckpt is not None else attach(model, cfg.lora)
+    lio.load(model, r.ckpt, name="default") if r.ckpt is not None else attach(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
