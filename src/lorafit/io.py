@@ -20,6 +20,7 @@ This is the only module that speaks PEFT's key names; in memory the names stay a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Union
 
@@ -242,7 +243,8 @@ def _check_fits(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[
 
 def adapter_folders(path: Union[str, Path], name: str | None = None) -> list[tuple[str, Path]]:
     """(adapter name, folder) in a saved folder: PEFT's layout ("default" at the root, others in subfolders named
-    after them). With ``name``: the root's adapter under that name, or else the subfolder ``name``."""
+    after them; ``checkpoint-N`` subfolders, a trainer's checkpoints, are not adapters). With ``name``: the root's
+    adapter under that name, or else the subfolder ``name``."""
     path = Path(path)
     if not path.is_dir():
         return [(name or DEFAULT, path)]  # read_adapter says what is wrong
@@ -251,7 +253,8 @@ def adapter_folders(path: Union[str, Path], name: str | None = None) -> list[tup
         if not root and (path / name / CONFIG_NAME).is_file():
             return [(name, path / name)]
         return root or [(name, path)]  # read_adapter names what is missing
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()
+                  and not re.fullmatch(r"checkpoint-\d+", p.name))  # a Trainer's checkpoints beside its adapter
     return (root + [(p.name, p) for p in subs]) or [(DEFAULT, path)]
 
 

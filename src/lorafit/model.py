@@ -133,6 +133,9 @@ def check_new(model: nn.Module, new: list[tuple[str, LoraConfig]]) -> None:
     for name, config in new:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             raise ConfigError(f"adapter name {name!r}: use letters, digits, '_' and '-' (it names a folder on disk)")
+        if re.fullmatch(r"checkpoint-\d+", name):
+            raise ConfigError(f"adapter name {name!r} is how trainers name checkpoint folders, which loading skips; "
+                              "pick another name")
         if name in names:
             raise AdapterError(f"this model already has an adapter named {name!r} (adapters: {names}); pick another "
                                "name, delete it first (lorafit.delete), or load with replace=True")
