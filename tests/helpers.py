@@ -267,3 +267,15 @@ def with_chat_template(src: Path, dst: Path) -> Path:
 def make_chat_model_dir(path: Path, seed: int = 0) -> Path:
     """make_model_dir's tiny Llama with a ChatML template (``with_chat_template``)."""
     return with_chat_template(make_model_dir(path, seed), path)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``lorafit ARGV`` in this process; argparse errors exit through SystemExit."""
+    from lorafit.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

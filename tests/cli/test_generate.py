@@ -20,7 +20,7 @@ from lorafit.cli import main
 from lorafit.generate import (Sampling, compare, decode, generate, load_for_inference, read_messages, render,
                               stop_token_ids)
 
-from helpers import make_data, make_model_dir, perturb_trainable, with_chat_template
+from helpers import run_cli, make_data, make_model_dir, perturb_trainable, with_chat_template
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "the movie was"
@@ -48,16 +48,6 @@ def files(tmp_path_factory):
     return {"model": model, "adapter": save_adapter(model, d / "adapter"),
             "chat": with_chat_template(model, d / "chat"),
             "other_adapter": save_adapter(other, d / "other_adapter"), "dir": d}
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``lorafit ARGV`` in this process; argparse errors exit through SystemExit."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # --- the answer -------------------------------------------------------------------------------------------------

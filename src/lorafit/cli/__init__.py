@@ -8,6 +8,8 @@
     lorafit eval --model DIR [--adapter DIR] --data FILE [--generate] [--compare]  loss, accuracy, answers
     lorafit generate | chat --model DIR [--adapter DIR]                            try the result
     lorafit suggest | probe | sweep                                                how to configure LoRA
+    lorafit export ADAPTER --format gguf|vllm [--model DIR] --output PATH          for llama.cpp or vLLM
+    lorafit check ADAPTER --for peft|vllm|llama.cpp|transformers                   what an engine cannot load
 
 Exit codes: 0 success, 2 bad usage or input (nothing written), 1 runtime failure.
 """
@@ -20,7 +22,7 @@ import sys
 
 from .. import __version__
 from ..errors import AdapterError, ConfigError, DataError, TrainingError
-from . import adapter, advise, data, infer, train
+from . import adapter, advise, data, export, infer, train
 from .common import require
 
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_parsers(sub)
     infer.add_parsers(sub)  # generate, chat
     advise.add_parsers(sub)  # suggest, probe, sweep
+    export.add_parsers(sub)  # export, check
     return parser
 
 
