@@ -55,6 +55,12 @@ def smollm2_path():
     return path if (path / "model.safetensors").is_file() else None
 
 
+def BASE_DTYPE():  # noqa: N802 - the base weights' dtype (--dtype; children read it from the environment)
+    import torch
+
+    return getattr(torch, os.environ.get("LORAFIT_BENCH_DTYPE", "float32"))
+
+
 def build_model(name: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -63,8 +69,8 @@ def build_model(name: str):
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                           num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
-        return LlamaForCausalLM(cfg)
-    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+        return LlamaForCausalLM(cfg).to(BASE_DTYPE())
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=BASE_DTYPE())
 
 
 def make_step(model_name: str, config: str, dropout: float, adamw: str = "fused"):
@@ -261,6 +267,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (one step per configuration each)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="base weights' dtype; adapters stay float32 (lorafit computes their products in bfloat16 "
+                         "over a bfloat16 base, LORAFIT_BF16_COMPUTE=0 turns that off; PEFT computes them in float32)")
     ap.add_argument("--retain-heap", action="store_true", help="run every configuration with glibc's heap kept "
                     f"(GLIBC_TUNABLES={RETAIN_HEAP}): large temporaries stop page-faulting every step")
     ap.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
@@ -268,10 +277,11 @@ def main() -> None:
                     "for all tensors; for-loop is torch's CPU default)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve:
+    if args.serve:  # a child: the dtype comes from the parent's environment
         serve(args.models[0], args.serve, args.dropouts[0], args.threads, args.adamw)
         return
 
+    os.environ["LORAFIT_BENCH_DTYPE"] = args.dtype  # the children inherit it
     import torch
     import transformers
 
@@ -281,7 +291,8 @@ def main() -> None:
     except ImportError:
         peft_version = "not installed"
     print(f"# {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft_version}, {os.cpu_count()} CPUs; {args.rounds} rounds (+{args.warmup} warmup), medians; "
+          f"peft {peft_version}, {os.cpu_count()} CPUs, base {args.dtype}; {args.rounds} rounds "
+          f"(+{args.warmup} warmup), medians; "
           f"load average {os.getloadavg()[0]:.1f} at start"
           + (f"; GLIBC_TUNABLES={RETAIN_HEAP}" if args.retain_heap else "; default malloc"), flush=True)
     for model_name in args.models:

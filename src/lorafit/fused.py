@@ -25,6 +25,7 @@ draws its masks through the same functions, so both paths see identical masks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -35,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SHARE_DROPOUT = os.environ.get("LORAFIT_SHARE_DROPOUT", "1") != "0"
+# bfloat16 bases (and autocast to bfloat16): the adapter's products run in bfloat16 too, its master weights and
+# gradients stay float32 (LORAFIT_BF16_COMPUTE=0: float32 adapter products, as the reference path)
+BF16_COMPUTE = os.environ.get("LORAFIT_BF16_COMPUTE", "1") != "0"
 
 _LEVELS = 1 << 16  # the mask compares 16-bit uniform integers with round(p·2¹⁶)
 _CHUNK = 1 << 20  # mask elements drawn per call: 2 MB of random words at a time, not a full-size temporary
@@ -165,6 +169,7 @@ def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int) -> tuple[T
 
     def compute():
         keep = keep_mask(seed, tuple(x2.shape), p, x2.device)  # (N, in)
+        keep = keep if keep.dtype == x2.dtype else keep.to(x2.dtype)  # 0/1: exact in bfloat16
         if phase == "fwd":
             return keep.mul_(x2), None  # in place: forward needs no mask
         return x2 * keep, keep
@@ -313,9 +318,29 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
         p: the dropout in effect (0 in eval mode).
         magnitude: (out,) DoRA's magnitude m, or None for LoRA.
         w0_sq: DoRA only: ``row_sq_norms(W0, A.dtype)``, the (out,) squared row norms of W0.
+
+    Under ``torch.autocast`` x, the weight and the bias are cast to the autocast dtype once and the layer runs with
+    autocast off. A bfloat16 base with float32 factors computes the adapter's products in bfloat16 (``BF16_COMPUTE``):
+    A, B (and DoRA's m and norm, the norm itself computed in float32) are cast by differentiable casts, so the float32
+    master weights get their gradients cast back. Rounding: a few bfloat16 ulps of each product.
     """
-    seed = dropout_seed(x, p) if p > 0 else 0
-    norm = None
-    if magnitude is not None:
-        norm = dora_norm(weight.t() if transposed else weight, A, B, s, w0_sq)  # (out,)
+    seed = dropout_seed(x, p) if p > 0 else 0  # keyed on the tensor the layer received (shared by q/k/v)
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        if autocast:  # what autocast would do to the base matmul, done once
+            dt = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+        norm = None
+        if magnitude is not None:
+            norm = dora_norm(weight.t() if transposed else weight, A, B, s, w0_sq)  # (out,), in A's dtype
+        return _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed)
+
+
+def _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed):
+    if BF16_COMPUTE and weight.dtype == torch.bfloat16 and A.dtype == torch.float32:
+        # differentiable casts: backward brings the bfloat16 gradients back to the float32 master weights
+        A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
+        if magnitude is not None:
+            magnitude, norm = magnitude.to(torch.bfloat16), norm.to(torch.bfloat16)
     return LoraLinear.apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed)

@@ -12,7 +12,7 @@ original module is kept (unregistered) so that ``merge`` can put it back.
 ``layer.active`` names the adapters in effect. With one, two forward paths compute the same function: in training
 mode, Linear and Conv1D layers take the fused path (``fused.lora_linear``: one autograd function, no saved dropout
 copies, DoRA without the full matrix); the plain composition is the reference, used in eval mode, for embeddings and
-convs, under autocast, and everywhere when ``FUSED`` is False (``lorafit.layers.FUSED = False``, or
+convs, and everywhere when ``FUSED`` is False (``lorafit.layers.FUSED = False``, or
 ``LORAFIT_FUSED=0``). Both draw their dropout masks from ``fused.dropout_seed``. Several active adapters add up as in
 PEFT, in order (``sum_forward``).
 ``layer.routing`` (set by ``lorafit.per_row``) replaces all of this with a per-row choice of adapter.
@@ -197,8 +197,7 @@ class LoraLayer(nn.Module):
         if len(self.active) > 1:
             return self.sum_forward(x, [self.adapters[n] for n in self.active])
         ad = self.adapters[self.active[0]]
-        if FUSED and self.training and self.kind in ("linear", "linear_t") \
-                and not torch.is_autocast_enabled(x.device.type):
+        if FUSED and self.training and self.kind in ("linear", "linear_t"):
             return self.fused_forward(x, ad)
         if not ad.use_dora:
             out = self.base_forward(x, self.bias)
