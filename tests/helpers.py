@@ -138,14 +138,16 @@ def make_tokenizer():
                                    pad_token="</s>")
 
 
-def make_model_dir(path: Path, seed: int = 0) -> Path:
+def make_model_dir(path: Path, seed: int = 0, *, hidden: int = 64, intermediate: int = 128, heads: int = 4,
+                   kv_heads: int = 2, positions: int = 256) -> Path:
+    """A tiny Llama checkpoint folder (config, safetensors, the tiny tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -63,17 +63,22 @@ def peft_key(param_name: str, layer_kinds: dict[str, str]) -> str:
     return PREFIX + param_name
 
 
-def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
-    """One adapter's tensors (default: the active one) under PEFT's key names (detached, contiguous, on the CPU)."""
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """{PEFT key: parameter} of everything one adapter (default: the active one) trains and saves."""
     name = state_of(model).name(name)
     kinds = {n: layer.kind for n, layer in adapter_layers(model)}
     params = dict(model.named_parameters())
+    return {peft_key(n, kinds): params[n] for n in adapter_parameter_names(model, [name])}
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """One adapter's tensors (default: the active one) under PEFT's key names (detached, contiguous, on the CPU)."""
     out = {}
-    for n in adapter_parameter_names(model, [name]):
-        t = params[n].detach()
+    for key, p in adapter_parameters(model, name).items():
+        t = p.detach()
         if hasattr(t, "full_tensor"):  # an FSDP2 shard: gather the whole tensor (a collective on every rank)
             t = t.full_tensor()
-        out[peft_key(n, kinds)] = t.to("cpu").contiguous()
+        out[key] = t.to("cpu").contiguous()
     return out
 
 

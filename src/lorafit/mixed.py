@@ -67,11 +67,13 @@ def _stacks(layer: LoraLayer) -> dict:
         stacks = {"names": names, "r": r, "A": A, "B": B, "f": f}
         if layer.kind == "embedding":
             stacks["A_emb"] = A.transpose(1, 2).contiguous()  # (n+1, num_emb, r): rows looked up by token id
-        else:
-            stacks["A_cat"] = A[:-1].reshape(-1, n_in)  # (n·r, in)
-            stacks["B_cat"] = B[:-1].permute(1, 0, 2).reshape(n_out, -1)  # (out, n·r)
     object.__setattr__(layer, "_mixed_stacks", (key, stacks))
     return stacks
+
+
+def _concatenated(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """u stacked adapters side by side: A (u, r, in) -> (u·r, in), B (u, out, r) -> (out, u·r)."""
+    return A.reshape(-1, A.shape[-1]), B.permute(1, 0, 2).reshape(B.shape[1], -1)
 
 
 class Routing:
@@ -109,19 +111,21 @@ class Routing:
 
     def stacked(self, layer: LoraLayer, st: dict, slot: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """The decode schedule's (A_cat (u·r, in), B_cat (out, u·r), keep (rows, 1, u·r)) over the u adapters this
-        batch uses (all n: the layer's own stacks, no copy); keep is 1 on each row's own r columns, none for the base.
-        Kept for the context (holding ``st``, so an entry is valid while its stacks are the layer's)."""
+        batch uses, built on the first short-row call (prefill never builds them); keep is 1 on each
+        row's own r columns, none for the base. Kept for the context (holding ``st``, so an entry is valid while its
+        stacks are the layer's)."""
         entry = self._stacked.get(id(layer))
         if entry is not None and entry[0] is st and entry[1] is slot:
             return entry[2]
         n, r = len(st["names"]), st["r"]
         used = sorted(set(slot.tolist()) - {n})
-        if len(used) == n:
-            A_cat, B_cat = st["A_cat"], st["B_cat"]
+        if len(used) == n:  # every adapter: concatenated once per layer, kept with its stacks across contexts
+            if "cat" not in st:
+                st["cat"] = _concatenated(st["A"][:n], st["B"][:n])
+            A_cat, B_cat = st["cat"]
         else:
             idx = torch.tensor(used, dtype=torch.long, device=slot.device)
-            A_cat = st["A"][idx].reshape(-1, st["A"].shape[-1])  # (u·r, in)
-            B_cat = st["B"][idx].permute(1, 0, 2).reshape(st["B"].shape[1], -1)  # (out, u·r)
+            A_cat, B_cat = _concatenated(st["A"][idx], st["B"][idx])
         pos = {j: i for i, j in enumerate(used)}
         local = torch.tensor([pos.get(j, len(used)) for j in slot.tolist()], device=slot.device)
         keep = F.one_hot(local, len(used) + 1)[:, :len(used)].to(dtype).repeat_interleave(r, dim=1).unsqueeze(1)

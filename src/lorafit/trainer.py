@@ -32,8 +32,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterError
-from .io import adapter_config_dict, adapter_state_dict, peft_key, read_adapter, write_adapter
-from .model import adapter_layers, adapter_parameter_names, has_adapter, state_of
+from .io import adapter_config_dict, adapter_parameters, adapter_state_dict, read_adapter, write_adapter
+from .model import has_adapter, state_of
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 
@@ -108,9 +108,7 @@ def restore_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
         fields = [f for f, v in mine.to_dict().items() if config.to_dict()[f] != v]
         raise AdapterError(f"checkpoint {folder} holds an adapter with another config than the model's adapter "
                            f"{name!r} (they differ in {', '.join(fields)}); attach the config it was trained with")
-    kinds = {n: layer.kind for n, layer in adapter_layers(model)}
-    params = dict(model.named_parameters())
-    by_key = {peft_key(n, kinds): params[n] for n in adapter_parameter_names(model, [name])}
+    by_key = adapter_parameters(model, name)
     if by_key.keys() != tensors.keys():
         diff = sorted(by_key.keys() ^ tensors.keys())
         raise AdapterError(f"checkpoint {folder} and the model's adapter {name!r} differ in {len(diff)} tensor(s), "

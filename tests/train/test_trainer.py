@@ -83,17 +83,8 @@ TEXTS = [("Review: the movie was good\nSentiment:", " positive"), ("Review: awfu
 def base_dir(tmp_path_factory):
     """A Llama wide enough (hidden 512, 5.0M parameters, a 20 MB model.safetensors) that a checkpoint's fixed
     files (tokenizer, trainer state, rng, args: ~60 kB) do not decide the size comparison."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("trainer") / "base"
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return make_model_dir(tmp_path_factory.mktemp("trainer") / "base", hidden=512, intermediate=1024, heads=8,
+                          kv_heads=4, positions=64)
 
 
 def _model(base_dir):
