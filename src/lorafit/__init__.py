@@ -7,6 +7,7 @@
     model = lorafit.load(base_model, "out/adapter")
     model = lorafit.merge(model)               # fold into the base weights
     lorafit.suggest(model)                     # the rules of thumb, checked against lorafit.plan's estimate
+    lorafit.quantize(model, "nf4")             # QLoRA: NF4 (or int8) frozen linears via torchao, then attach
 
 Importing lorafit loads torch and safetensors only: transformers, PyYAML, tqdm and matplotlib are imported by the
 functions that need them.
@@ -20,6 +21,7 @@ from .model import adapter_layers, adapters, attach, delete, disabled, merge, se
 from .io import load, save  # noqa: E402
 from .combine import combine  # noqa: E402
 from .mixed import per_row  # noqa: E402
+from .quant import dequantize, quantize  # noqa: E402
 from .layers import LoraLayer  # noqa: E402
 from .advise.plan import plan  # noqa: E402
 from .advise.probe import probe  # noqa: E402
@@ -27,6 +29,6 @@ from .advise.suggest import suggest  # noqa: E402
 
 __all__ = ["LoraConfig", "ConfigError", "AdapterError", "DataError", "TrainingError", "LoraLayer", "attach", "load",
            "save", "merge", "disabled", "trainable_parameters", "adapter_layers", "adapters", "set_active", "delete", "per_row",
-           "combine",
+           "combine", "quantize", "dequantize",
            "plan", "probe", "suggest",
            "__version__"]

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tensors import dense, is_quantized
+
 SHARE_DROPOUT = os.environ.get("LORAFIT_SHARE_DROPOUT", "1") != "0"
 # bfloat16 bases (and autocast to bfloat16): the adapter's products run in bfloat16 too, its master weights and
 # gradients stay float32 (LORAFIT_BF16_COMPUTE=0: float32 adapter products, as the reference path)
@@ -189,7 +191,7 @@ def clear_cache() -> None:
 @torch.no_grad()
 def row_sq_norms(W0: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """||W0_i||² per output row (out,), accumulated in float64: computed once per W0, which is frozen."""
-    return torch.linalg.vector_norm(W0, dim=1, dtype=torch.float64).square().to(dtype)
+    return torch.linalg.vector_norm(dense(W0), dim=1, dtype=torch.float64).square().to(dtype)
 
 
 @torch.no_grad()
@@ -249,6 +251,8 @@ class LoraLinear(torch.autograd.Function):
         s, p = ctx.s, ctx.p
         scale = s * keep_scale(p) if p else s  # s/(1-p): applied to rank-r tensors only
         W = weight.t() if ctx.transposed else weight  # (out, in)
+        if (need_x or magnitude is not None) and is_quantized(W):
+            W = dense(W)  # this layer's values only, freed when backward leaves the layer
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
         if need_b:
@@ -319,6 +323,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
         magnitude: (out,) DoRA's magnitude m, or None for LoRA.
         w0_sq: DoRA only: ``row_sq_norms(W0, A.dtype)``, the (out,) squared row norms of W0.
 
+    A quantized ``weight`` (``lorafit.quant``: torchao NF4/int8) is used through ``F.linear``'s dispatch in forward
+    and dequantized for this layer alone in backward (the input gradient) and for DoRA's norm.
+
     Under ``torch.autocast`` x, the weight and the bias are cast to the autocast dtype once and the layer runs with
     autocast off. A bfloat16 base with float32 factors computes the adapter's products in bfloat16 (``BF16_COMPUTE``):
     A, B (and DoRA's m and norm, the norm itself computed in float32) are cast by differentiable casts, so the float32
@@ -330,10 +337,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         if autocast:  # what autocast would do to the base matmul, done once
             dt = torch.get_autocast_dtype(device)
+            dt = weight.dtype if is_quantized(weight) else dt  # a quantized weight computes in its own dtype
             x, weight, bias = x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
         norm = None
-        if magnitude is not None:
-            norm = dora_norm(weight.t() if transposed else weight, A, B, s, w0_sq)  # (out,), in A's dtype
+        if magnitude is not None:  # a quantized W0 is dequantized for the norm (one layer at a time)
+            norm = dora_norm(dense(weight.t() if transposed else weight), A, B, s, w0_sq)  # (out,), in A's dtype
         return _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused, ops
+from .tensors import weight_key
 
 FUSED = os.environ.get("LORAFIT_FUSED", "1") != "0"  # the fused training path for Linear/Conv1D; False: reference
 
@@ -228,7 +229,7 @@ class LoraLayer(nn.Module):
         w0_sq = None
         if ad.use_dora:
             w = self.weight
-            key = (w.data_ptr(), w._version, w.device, w.dtype)
+            key = weight_key(w)
             if ad.w0_sq is None or ad.w0_sq[0] != key:  # W0 is frozen: changes only by load, init or .to()
                 ad.w0_sq = (key, fused.row_sq_norms(ops.as_matrix(w, self.kind), ad.lora_A.dtype))
             w0_sq = ad.w0_sq[1]

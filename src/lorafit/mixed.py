@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .errors import AdapterError
 from .layers import LoraLayer
 from .model import adapter_layers, check_known, state_of
+from .tensors import weight_key
 
 DECODE_WORK = 16  # use the stacked-all schedule when T·(n-1) is below this
 
@@ -43,7 +44,7 @@ def _stacks(layer: LoraLayer) -> dict:
     """
     names = list(layer.adapters)
     params = [p for n in names for p in layer.adapters[n].parameters()] + [layer.weight]
-    key = (tuple(names), tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+    key = (tuple(names), tuple(weight_key(p) for p in params))
     cached = getattr(layer, "_mixed_stacks", None)
     if cached is not None and cached[0] == key:
         return cached[1]

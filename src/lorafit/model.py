@@ -24,6 +24,7 @@ from .config import ConfigError, LoraConfig
 from .errors import AdapterError
 from .layers import LoraLayer
 from .targets import Target, modules_to_save, select_targets
+from .tensors import is_quantized
 
 DEFAULT = "default"
 
@@ -167,6 +168,10 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     saved = modules_to_save(model, config)
     if init and config.init_lora_weights in ("pissa", "olora"):  # these rewrite W0 in place, layer by layer
         for t in targets:
+            if is_quantized(model.get_submodule(t.name).weight):
+                raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, but "
+                                  f"{t.name}.weight is quantized (lorafit.quant); use the default init (True) "
+                                  "or 'gaussian' over a quantized base")
             if not torch.isfinite(model.get_submodule(t.name).weight).all():
                 raise ConfigError(f"init_lora_weights={config.init_lora_weights!r}: {t.name}.weight contains NaN or "
                                   "inf values; a weight-based init needs a finite base model")
@@ -312,7 +317,8 @@ def delete(model: nn.Module, name: str) -> nn.Module:
 def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Fold adapters into the base weights (float32 math, base dtype kept), in order: ``names``, or by default the
     active ones. The other adapters stay attached; once none is left the original module types come back and
-    modules_to_save keep their trained weights. Returns the model."""
+    modules_to_save keep their trained weights. A quantized weight (``lorafit.quant``) becomes a float weight of its
+    compute dtype: its dequantized values plus ΔW, as "merge after QLoRA" is meant. Returns the model."""
     state = state_of(model)
     names = list(state.active if names is None else [names] if isinstance(names, str) else names)
     for n in names:
@@ -323,7 +329,9 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     for lname, layer in list(adapter_layers(model)):
         for n in (n for n in names if n in layer.adapters):
             merged = layer.merged_weight(n)
-            if uses[id(layer.weight)] > 1:  # tied (embeddings and lm_head): merging must not change the other user
+            if is_quantized(layer.weight):  # merge after QLoRA: dequantized W0 + ΔW, a float weight in its place
+                layer.weight = nn.Parameter(merged, requires_grad=False)
+            elif uses[id(layer.weight)] > 1:  # tied (embeddings and lm_head): merging must not change the other user
                 warnings.warn(f"{lname}.weight is tied to another module; merging unties it (the other keeps W0)")
                 layer.weight = nn.Parameter(merged, requires_grad=layer.weight.requires_grad)
                 _untie_config(model)

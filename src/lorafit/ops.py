@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .tensors import dense
+
 KINDS = ("linear", "linear_t", "embedding", "conv")
 
 
@@ -62,7 +64,7 @@ def dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
 
     DoRA §4.3 treats the norm as a constant in backward, which is what makes DoRA's memory cost close to LoRA's.
     """
-    W = W0.float() + s * lora_product(A.float(), B.float())  # (out, in)
+    W = dense(W0).float() + s * lora_product(A.float(), B.float())  # (out, in)
     return torch.linalg.vector_norm(W, dim=1)  # (out,)
 
 
@@ -73,7 +75,7 @@ def merged_weight(weight: Tensor, kind: str, A: Tensor, B: Tensor, s: float,
 
     LoRA: W0 + s·B·A.  DoRA: m ⊙ (W0 + s·B·A) / ||W0 + s·B·A||_row.
     """
-    W = as_matrix(weight, kind).float() + s * lora_product(A.float(), B.float())  # (out, in)
+    W = as_matrix(dense(weight), kind).float() + s * lora_product(A.float(), B.float())  # (out, in)
     if magnitude is not None:
         W = W * (magnitude.float() / torch.linalg.vector_norm(W, dim=1)).unsqueeze(1)
     return from_matrix(W, kind, weight.shape).to(weight.dtype).contiguous()
