@@ -16,6 +16,15 @@ convs, and everywhere when ``FUSED`` is False (``lorafit.layers.FUSED = False``,
 ``LORAFIT_FUSED=0``). Both draw their dropout masks from ``fused.dropout_seed``. Several active adapters add up as in
 PEFT, in order (``sum_forward``).
 ``layer.routing`` (set by ``lorafit.per_row``) replaces all of this with a per-row choice of adapter.
+
+A bitsandbytes layer (``Linear4bit`` from ``BitsAndBytesConfig(load_in_4bit=True)``, see ``tensors.is_packed``) is a
+"linear" layer whose weight only the module can read: (in, out) come from its ``in_features``/``out_features``, the
+adapter is float32, W0·x + b is the module's own forward (bitsandbytes' autograd gives the input gradient), and
+training takes the reference path. The wrapped module is kept in training mode, whatever the layer's mode: in eval
+mode bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel (AVX512-BF16 CPUs), which computes in
+bfloat16 and has no backward, so a training step after an evaluation would silently lose the input gradient. Held in
+training mode it computes the same function in both modes, in its compute dtype. DoRA, PiSSA/OLoRA and merging need
+W0's values and are refused (``model.attach``, ``model.merge``; ``lorafit.dequantize`` gives a float base first).
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused, ops
-from .tensors import weight_key
+from .errors import TrainingError
+from .tensors import cpu_inference_layout, is_packed, weight_key
 
 FUSED = os.environ.get("LORAFIT_FUSED", "1") != "0"  # the fused training path for Linear/Conv1D; False: reference
 
@@ -48,7 +58,9 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
-    """(in, out) of the matrix view W0 (out, in) of a supported module."""
+    """(in, out) of the matrix view W0 (out, in) of a supported module (a bitsandbytes layer says it itself)."""
+    if is_packed(module.weight):
+        return module.in_features, module.out_features
     return tuple(reversed(ops.as_matrix(module.weight, kind).shape))  # type: ignore[return-value]
 
 
@@ -77,8 +89,9 @@ class Adapter(nn.Module):
         super().__init__()
         self.r, self.alpha, self.scaling, self.use_dora = r, alpha, scale, use_dora
         w = base.weight
-        # fp16/bf16 bases get float32 adapters (as PEFT's autocast_adapter_dtype): small updates survive rounding
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # fp16/bf16 bases get float32 adapters (as PEFT's autocast_adapter_dtype): small updates survive rounding;
+        # so do bitsandbytes layers (their packed weight is uint8 or int8, whatever the compute dtype)
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or is_packed(w) else w.dtype
         a_shape, b_shape = adapter_shapes(base, kind, r)
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))
@@ -104,7 +117,10 @@ class LoraLayer(nn.Module):
         super().__init__()
         self.kind = kind
         self.enabled = True
+        self.train(base.training)
         object.__setattr__(self, "base", base)  # not a submodule: its weight/bias are ours by reference
+        if is_packed(base.weight):  # bitsandbytes: never its CPU inference repacking (module docstring)
+            base.train(True)
         self.weight = base.weight
         self.register_parameter("bias", getattr(base, "bias", None))
         self.adapters = nn.ModuleDict()
@@ -117,13 +133,16 @@ class LoraLayer(nn.Module):
             use_dora: bool = False, activate: bool = True) -> Adapter:
         """Allocate a (zero) adapter ``name``; it joins ``active`` unless ``activate`` is False."""
         adapter = Adapter(self.base, self.kind, r, alpha, scale, dropout=dropout, use_dora=use_dora)
+        adapter.train(self.training)  # in the layer's mode (its dropout is off in eval)
         self.adapters[name] = adapter
         if activate:
             self.active = (*self.active, name)
         return adapter
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, {tuple(self.weight.shape)}, active={list(self.active)}"
+        shape = tuple(reversed(in_out_features(self.base, self.kind))) if is_packed(self.weight) else \
+            tuple(self.weight.shape)
+        return f"{self.kind}, {shape}, active={list(self.active)}"
 
     # --- the one active adapter (what training and single-adapter code use) --------------------------------------
 
@@ -149,6 +168,8 @@ class LoraLayer(nn.Module):
     def base_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """The wrapped module's own computation, with our (shared) weight and the given bias."""
         b, w = self.base, self.weight
+        if is_packed(w):
+            return self._packed_forward(x, bias)
         if self.kind == "linear":
             return F.linear(x, w, bias)
         if self.kind == "linear_t":
@@ -156,6 +177,16 @@ class LoraLayer(nn.Module):
         if self.kind == "embedding":
             return F.embedding(x, w, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
         return b._conv_forward(x, w, bias)
+
+    def _packed_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """A bitsandbytes layer: its own forward (bias included), which alone can read its packed weight."""
+        if self.training and torch.is_grad_enabled() and cpu_inference_layout(self.weight):
+            raise TrainingError(
+                f"bitsandbytes has repacked this layer's {type(self.weight).__name__} weight for its CPU inference "
+                "kernel (the model ran in eval mode before lorafit.attach), which has no backward: training would "
+                "lose the input gradient. Load the model again and attach before running it in eval mode")
+        out = self.base(x)
+        return out if bias is self.bias or self.bias is None else out - self.bias.to(out.dtype)
 
     def lora_forward(self, x: Tensor, ad: Adapter | None = None) -> Tensor:
         """s·B·A·drop(x), in the adapter's dtype; the scale is applied to the rank-r intermediate."""
@@ -198,7 +229,7 @@ class LoraLayer(nn.Module):
         if len(self.active) > 1:
             return self.sum_forward(x, [self.adapters[n] for n in self.active])
         ad = self.adapters[self.active[0]]
-        if FUSED and self.training and self.kind in ("linear", "linear_t"):
+        if FUSED and self.training and self.kind in ("linear", "linear_t") and not is_packed(self.weight):
             return self.fused_forward(x, ad)
         if not ad.use_dora:
             out = self.base_forward(x, self.bias)

@@ -24,7 +24,7 @@ from .config import ConfigError, LoraConfig
 from .errors import AdapterError
 from .layers import LoraLayer
 from .targets import Target, modules_to_save, select_targets
-from .tensors import is_quantized
+from .tensors import is_packed, is_quantized
 
 DEFAULT = "default"
 
@@ -166,6 +166,7 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     check_new(model, [(name, config)])
     targets = select_targets(model, config, strict=init)  # all validation happens before the model is touched
     saved = modules_to_save(model, config)
+    _refuse_over_packed(model, config, targets, init)
     if init and config.init_lora_weights in ("pissa", "olora"):  # these rewrite W0 in place, layer by layer
         for t in targets:
             if is_quantized(model.get_submodule(t.name).weight):
@@ -196,8 +197,7 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     for t, layer in zip(targets, layers):
         if init:
             layer.reset_adapter(config.init_lora_weights, name)
-        if layer is not model.get_submodule(t.name):
-            layer.train(layer.base.training)
+        if layer is not model.get_submodule(t.name):  # a new layer: in the wrapped module's mode (its __init__)
             _set_module(model, t.name, layer)
     for n, trainable in copies.items():
         state.saved[n] = model.get_submodule(n).requires_grad_(False)
@@ -210,6 +210,24 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     else:
         _set_trainable(model)
     return model
+
+
+def _refuse_over_packed(model: nn.Module, config: LoraConfig, targets: list[Target], init: bool) -> None:
+    """bitsandbytes layers (``tensors.is_packed``): only their forward can read W0, so what needs its values is
+    refused: DoRA's row norms ||W0 + s·B·A|| (at attach and at load) and PiSSA/OLoRA's rewrite of W0."""
+    packed = [t.name for t in targets if is_packed(model.get_submodule(t.name).weight)]
+    if not packed:
+        return
+    what = f"layer (its weight a packed {type(model.get_submodule(packed[0]).weight).__name__})"
+    if config.use_dora:
+        raise ConfigError(f"use_dora=True: DoRA needs the row norms of W0, but {packed[0]!r} is a bitsandbytes "
+                          f"{what}, whose packed weight only its forward can read; train LoRA (use_dora=False) over "
+                          "it, or call lorafit.dequantize(model) first (or quantize with lorafit.quantize, whose "
+                          "NF4 base supports DoRA)")
+    if init and config.init_lora_weights in ("pissa", "olora"):
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, but "
+                          f"{packed[0]!r} is a bitsandbytes {what} (quantized); use the default init (True) or "
+                          "'gaussian' over a quantized base")
 
 
 def set_active(model: nn.Module, names: Union[str, list[str], None]) -> nn.Module:
@@ -273,6 +291,7 @@ def _restore(model: nn.Module, name: str, layer: LoraLayer) -> None:
     base.weight = layer.weight
     if layer.bias is not None:
         base.bias = layer.bias
+    base.train(layer.training)  # a bitsandbytes module was held in training mode while wrapped (layers.py)
     _set_module(model, name, base)
 
 
@@ -318,13 +337,21 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Fold adapters into the base weights (float32 math, base dtype kept), in order: ``names``, or by default the
     active ones. The other adapters stay attached; once none is left the original module types come back and
     modules_to_save keep their trained weights. A quantized weight (``lorafit.quant``) becomes a float weight of its
-    compute dtype: its dequantized values plus ΔW, as "merge after QLoRA" is meant. Returns the model."""
+    compute dtype: its dequantized values plus ΔW, as "merge after QLoRA" is meant. A bitsandbytes layer is refused
+    (``lorafit.dequantize`` first: it can only be merged into a float copy). Returns the model."""
     state = state_of(model)
     names = list(state.active if names is None else [names] if isinstance(names, str) else names)
     for n in names:
         check_known(state, n)
     if not names:
         raise AdapterError(f"no adapter is active; name the ones to merge (adapters: {list(state.adapters)})")
+    packed = [lname for lname, layer in adapter_layers(model)
+              if is_packed(layer.weight) and any(n in layer.adapters for n in names)]
+    if packed:
+        raise AdapterError(f"cannot merge into {packed[0]!r} ({len(packed)} such layers): its weight is bitsandbytes' "
+                           f"packed {type(model.get_submodule(packed[0]).weight).__name__}, which cannot hold W0 + ΔW; "
+                           "call lorafit.dequantize(model) first (float weights in place of the quantized ones), "
+                           "then merge")
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for lname, layer in list(adapter_layers(model)):
         for n in (n for n in names if n in layer.adapters):

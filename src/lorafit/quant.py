@@ -13,6 +13,10 @@ quantized base is an ordinary PEFT-format adapter; ``dequantize`` gives the floa
 Only ``nn.Linear`` weights are quantized, and "all-linear" means what it means for ``target_modules``: every linear
 layer but the output layer (QLoRA keeps the head in 16 bits). Weights tied to another module (an output layer tied to
 the embeddings) and NF4 weights whose size is not a multiple of 64 are skipped, and named, with the reason.
+
+A model transformers loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` (bitsandbytes ``Linear4bit`` modules) needs
+no ``quantize``: ``attach`` works over it as it is (``layers.py``), and ``dequantize`` turns each ``Linear4bit`` into
+an ``nn.Linear`` of its dequantized values, the float base to merge into.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, MissingExtraError
+from .layers import LoraLayer
 from .model import has_adapter
 from .targets import name_matches, output_layer_names
-from .tensors import dense, is_quantized
+from .tensors import cpu_inference_layout, dense, is_packed, is_quantized
 
 FORMATS = ("nf4", "int8")
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA §3)
@@ -148,14 +153,72 @@ def quantize(model: nn.Module, fmt: str, *, modules="all-linear") -> list[str]:
 @torch.no_grad()
 def dequantize(model: nn.Module) -> int:
     """Put float weights (the dequantized values, in the compute dtype) in place of every quantized weight; return
-    how many were replaced. The float base an adapter trained over the quantized one was trained against."""
+    how many were replaced. The float base an adapter trained over the quantized one was trained against.
+
+    A bitsandbytes ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``), bare or under an
+    adapter, is replaced by an ``nn.Linear`` holding its dequantized values in the dtype they were quantized from
+    (the model's dtype; bitsandbytes casts them to its compute dtype in forward) and the same bias; after it,
+    ``lorafit.merge`` works."""
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(w, torch.Tensor) and is_quantized(w):
             m.weight = nn.Parameter(dense(w).clone(), requires_grad=False)
             n += 1
-    return n
+    return n + _dequantize_bnb(model)
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise MissingExtraError("this model holds bitsandbytes layers; dequantizing them needs bitsandbytes, which "
+                                "is not installed: pip install bitsandbytes") from None
+    return bitsandbytes
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _bnb_weight(bnb, name: str, module: nn.Module) -> torch.Tensor:
+    """The float (out, in) values of a bitsandbytes Linear4bit's packed weight, in the dtype it was quantized from."""
+    if not isinstance(module, bnb.nn.Linear4bit):
+        raise ConfigError(f"lorafit.dequantize: {name!r} is a bitsandbytes {type(module).__name__}; only 4-bit "
+                          "layers (Linear4bit, load_in_4bit=True) can be dequantized")
+    w = module.weight
+    if cpu_inference_layout(w):  # back from bitsandbytes' CPU inference layout, as its own state_dict() does
+        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).reshape(module.out_features, module.in_features)
+
+
+def _dequantize_bnb(model: nn.Module) -> int:
+    """Replace every bitsandbytes Linear4bit (bare, or wrapped by a LoraLayer) with an nn.Linear; return how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+             and is_packed(m.weight)]
+    if not found:
+        return 0
+    bnb = _bitsandbytes()
+    for name, m in found:
+        layer = m if isinstance(m, LoraLayer) else None
+        base = layer.base if layer is not None else m
+        values = _bnb_weight(bnb, name, base)
+        plain = nn.Linear(base.in_features, base.out_features, bias=False, device=values.device, dtype=values.dtype)
+        plain.weight = nn.Parameter(values.clone(), requires_grad=False)
+        bias = base.bias  # the same Parameter, unless bitsandbytes' forward cast it to its compute dtype
+        if bias is not None and bias.dtype != values.dtype:
+            bias = nn.Parameter(bias.detach().to(values.dtype), requires_grad=bias.requires_grad)
+        plain.bias = bias
+        plain.train(layer.training if layer is not None else base.training)
+        if layer is None:
+            _set_module(model, name, plain)
+        else:  # the layer keeps its adapters; W0 is now a float weight it can merge into
+            object.__setattr__(layer, "base", plain)
+            layer.weight = plain.weight
+            if bias is not None:
+                layer.bias = bias
+    return len(found)
 
 
 def weight_bytes(weight: torch.Tensor) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .layers import LoraLayer, layer_kind
+from .layers import LoraLayer, in_out_features, layer_kind
 from .ops import scaling
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -196,9 +196,10 @@ def _target(n: str, m: nn.Module, cfg: LoraConfig) -> Target:
         if kind not in ("linear", "linear_t"):
             raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} supports linear layers only; "
                               f"{n!r} is a {type(m).__name__}")
-        if r > min(m.weight.shape):
+        shape = tuple(reversed(in_out_features(m, kind)))  # (out, in), also of a packed bitsandbytes weight
+        if r > min(shape):
             raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} needs r <= min(in, out); {n!r} has "
-                              f"shape {tuple(m.weight.shape)} and r={r}")
+                              f"shape {shape} and r={r}")
     return Target(n, kind, r, alpha, scaling(r, alpha, cfg.use_rslora))
 
 

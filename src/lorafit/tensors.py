@@ -4,6 +4,12 @@
 core never imports torchao: ``F.linear`` dispatches on the subclass (it dequantizes block by block inside), and
 where the core needs W0 itself (the input gradient, DoRA's norms, merging) it asks ``dense`` for one layer's values
 at a time.
+
+A model loaded by transformers with ``BitsAndBytesConfig(load_in_4bit=True)`` holds another kind: bitsandbytes'
+``Linear4bit`` modules, whose ``weight`` (``Params4bit``) is 4-bit codes packed two per byte into a (out·in/2, 1)
+uint8 tensor with a ``quant_state`` beside it (``Int8Params``: int8 rows with scales ``SCB``). Its shape and dtype are
+not the matrix's, no torch op can read it, and only the module's own forward computes with it (``is_packed``).
+The core never imports bitsandbytes: it asks the module for its in/out features and calls it for W0·x + b.
 """
 
 from __future__ import annotations
@@ -26,6 +32,18 @@ def dense(weight: Tensor) -> Tensor:
         return weight
     original = getattr(weight, "get_original_weight", None)  # torchao NF4Tensor (its dequantize is another thing)
     return original() if original is not None else weight.dequantize()
+
+
+def is_packed(weight: Tensor) -> bool:
+    """Whether ``weight`` is bitsandbytes' packed storage (Params4bit with its ``quant_state``, Int8Params with its
+    scales ``SCB``), which only the owning module can compute with; neither attribute is set before quantization."""
+    return getattr(weight, "quant_state", None) is not None or getattr(weight, "SCB", None) is not None
+
+
+def cpu_inference_layout(weight: Tensor) -> bool:
+    """Whether bitsandbytes has repacked a 4-bit weight for its CPU inference kernel (an eval-mode, no-grad forward
+    on a CPU with AVX512-BF16): that kernel has no backward, so the input gradient through it would be lost."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
 
 
 def weight_key(weight: Tensor) -> tuple:
