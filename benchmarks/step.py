@@ -61,6 +61,82 @@ def BASE_DTYPE():  # noqa: N802 - the base weights' dtype (--dtype; children rea
     return getattr(torch, os.environ.get("LORAFIT_BENCH_DTYPE", "float32"))
 
 
+def QUANTIZE():  # noqa: N802 - the base quantization (--quantize; children read it from the environment)
+    return os.environ.get("LORAFIT_BENCH_QUANT") or None
+
+
+def bnb_4bit(model):
+    """PEFT's QLoRA base: every linear but the head as a bitsandbytes NF4 Linear4bit (double-quantized scales, blocks
+    of 64, bfloat16 compute), as transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True) builds it."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and m is not head:
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(m.weight.data.to(torch.bfloat16), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+            if m.bias is not None:
+                q.bias = m.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, q.to("cpu"))
+    return model
+
+
+def quantize_base(model, kind: str, fmt: str):
+    """The base of a ``--quantize`` run: lorafit.quantize for lorafit; for PEFT, bitsandbytes NF4 (QLoRA) or torchao
+    int8 weight-only (PEFT's torchao support)."""
+    if kind == "lorafit":
+        import lorafit
+
+        lorafit.quantize(model, fmt)
+    elif fmt == "nf4":
+        bnb_4bit(model)
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torch import nn
+
+        head = model.get_output_embeddings()
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m is not head)
+    return model
+
+
+def quantized_bytes(model) -> tuple[int, int]:
+    """(bytes held by the quantized linears' weights, bytes the same weights take in bfloat16)."""
+    from lorafit import quant
+    from lorafit.tensors import is_quantized
+
+    held = bf16 = 0
+    seen = set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is None or id(w) in seen:  # PEFT's wrappers show their base layer's weight too
+            continue
+        seen.add(id(w))
+        state = getattr(w, "quant_state", None)
+        if state is not None:  # bitsandbytes: packed 4-bit data + the (nested) scales
+            held += w.data.nbytes + sum(t.nbytes for t in _state_tensors(state))
+            bf16 += 2 * (m.in_features * m.out_features)
+        elif is_quantized(w):
+            held += quant.weight_bytes(w)
+            bf16 += 2 * w.numel()
+    return held, bf16
+
+
+def _state_tensors(state):
+    import torch
+
+    for v in vars(state).values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif hasattr(v, "absmax"):  # the nested state of double quantization
+            yield from _state_tensors(v)
+
+
 def build_model(name: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -81,6 +157,8 @@ def make_step(model_name: str, config: str, dropout: float, adamw: str = "fused"
     _, batch, seq = MODELS[model_name]
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     kind, _, method = config.partition("-")
+    if QUANTIZE() and kind in ("lorafit", "peft"):  # the floor stays the unquantized base
+        quantize_base(model, kind, QUANTIZE())
     if kind == "floor":
         model.requires_grad_(False)
     elif kind == "peft":
@@ -119,7 +197,18 @@ def make_step(model_name: str, config: str, dropout: float, adamw: str = "fused"
         return [*model.parameters(), *model.buffers(), *state, ids]
 
     step.live_tensors = live_tensors
+    step.model = model
     return step
+
+
+def _plain_tensors(tensors):
+    """The tensors holding storage: a quantized tensor subclass (torchao) is the tensors it flattens to."""
+    for t in tensors:
+        flatten = getattr(t, "__tensor_flatten__", None)
+        if flatten is None:
+            yield t
+        else:
+            yield from _plain_tensors(getattr(t, n) for n in flatten()[0] if getattr(t, n) is not None)
 
 
 def tensor_peak_mb(step) -> float:
@@ -129,7 +218,8 @@ def tensor_peak_mb(step) -> float:
 
     from torch.profiler import ProfilerActivity, profile
 
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in step.live_tensors()}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in _plain_tensors(step.live_tensors())}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,6 +231,16 @@ def tensor_peak_mb(step) -> float:
     return (sum(storages.values()) + max(totals, default=0)) / 2**20
 
 
+def top_ops(step, n: int = 12) -> list[tuple[str, float, int]]:
+    """(op, self CPU ms, calls) of one profiled step's most expensive operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:n]]
+
+
 def serve(model_name: str, config: str, dropout: float, threads: int, adamw: str) -> None:
     """Child process: build, then run one step per "step" line on stdin; "quit" reports the peak RSS and, from one
     more (profiled) step, the peak tensor memory."""
@@ -150,14 +250,18 @@ def serve(model_name: str, config: str, dropout: float, threads: int, adamw: str
     step = make_step(model_name, config, dropout, adamw)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "step":
+        if line.strip() == "profile":
+            print(json.dumps({"ops": top_ops(step)}), flush=True)
+        elif line.strip() == "step":
             t0, c0 = time.perf_counter(), time.process_time()
             step()
             print(json.dumps({"step_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}), flush=True)
         else:
             break
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the profiled step adds its own
-    print(json.dumps({"peak_mb": peak_rss, "tensor_mb": tensor_peak_mb(step)}), flush=True)
+    held, bf16 = quantized_bytes(step.model) if QUANTIZE() else (0, 0)
+    print(json.dumps({"peak_mb": peak_rss, "tensor_mb": tensor_peak_mb(step), "quant_mb": held / 2**20,
+                      "quant_bf16_mb": bf16 / 2**20}), flush=True)
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -167,10 +271,10 @@ def child_env(threads: int) -> dict[str, str]:
 
 class Child:
     def __init__(self, model_name: str, config: str, dropout: float, threads: int, retain_heap: bool,
-                 adamw: str) -> None:
+                 adamw: str, env: dict | None = None) -> None:
         cmd = [sys.executable, __file__, "--serve", config, "--models", model_name, "--dropouts", str(dropout),
                "--threads", str(threads), "--adamw", adamw]
-        env = child_env(threads)
+        env = dict(child_env(threads), **(env or {}))
         if retain_heap:
             env["GLIBC_TUNABLES"] = RETAIN_HEAP
         self.name = config
@@ -270,6 +374,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="base weights' dtype; adapters stay float32 (lorafit computes their products in bfloat16 "
                          "over a bfloat16 base, LORAFIT_BF16_COMPUTE=0 turns that off; PEFT computes them in float32)")
+    ap.add_argument("--quantize", choices=("nf4", "int8"), help="quantize the adapted runs' base: lorafit.quantize "
+                    "for lorafit; bitsandbytes NF4 (nf4) or torchao int8 weight-only (int8) for PEFT; the floor "
+                    "stays unquantized (use with --dtype bfloat16 for QLoRA's recipe)")
     ap.add_argument("--retain-heap", action="store_true", help="run every configuration with glibc's heap kept "
                     f"(GLIBC_TUNABLES={RETAIN_HEAP}): large temporaries stop page-faulting every step")
     ap.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
@@ -282,6 +389,8 @@ def main() -> None:
         return
 
     os.environ["LORAFIT_BENCH_DTYPE"] = args.dtype  # the children inherit it
+    if args.quantize:
+        os.environ["LORAFIT_BENCH_QUANT"] = args.quantize
     import torch
     import transformers
 
@@ -291,7 +400,8 @@ def main() -> None:
     except ImportError:
         peft_version = "not installed"
     print(f"# {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft_version}, {os.cpu_count()} CPUs, base {args.dtype}; {args.rounds} rounds "
+          f"peft {peft_version}, {os.cpu_count()} CPUs, base {args.dtype}"
+          + (f" quantized {args.quantize} (floor unquantized)" if args.quantize else "") + f"; {args.rounds} rounds "
           f"(+{args.warmup} warmup), medians; "
           f"load average {os.getloadavg()[0]:.1f} at start"
           + (f"; GLIBC_TUNABLES={RETAIN_HEAP}" if args.retain_heap else "; default malloc"), flush=True)

@@ -7,7 +7,7 @@ Composed from modules (PEFT, and lorafit's reference path in ``layers.py``), eac
 its dropped input and a float mask (both saved for backward), full-size temporaries for scaling and adding, and, for
 DoRA, the full matrix W0 + s·B·A every step. Here, per layer and step:
 
-* the dropout mask is a pure function of a 62-bit seed (``keep_mask``); backward regenerates it instead of saving
+* the dropout mask is a pure function of a 62-bit seed (``keep_bits``); backward regenerates it instead of saving
   it, and saves the input x once (adapters that read the same tensor share it: q/k/v, gate/up);
 * the scales s and 1/(1-p) multiply the rank-r intermediate (N, r), and s·B·(A·drop(x)) is accumulated into the
   base output in place (``addmm_``);
@@ -69,29 +69,34 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return gen.manual_seed(seed)
 
 
-def keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """Bernoulli(1 - p) mask of ``shape`` in float32 (1.0 kept, 0.0 dropped): a pure function of (seed, shape, p,
-    device type).
+def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """Bernoulli(1 - p) mask of ``shape`` as booleans (True kept): a pure function of (seed, shape, p, device type).
 
-    16 random bits per element (one int64 word per 4 elements) cost a quarter of ``bernoulli_``'s 64-bit draws, and
-    the comparison is done in float arithmetic, which vectorises where bool tensors do not.
+    16 random bits per element (one int64 word per 4 elements) cost a quarter of ``bernoulli_``'s 64-bit draws; a
+    16-bit integer r is kept iff r >= round(p·2¹⁶) - 2¹⁵, compared straight into the boolean mask (no float mask:
+    applying it is one ``torch.where``, in the input's own dtype, bfloat16 included).
     """
     n = math.prod(shape)
     gen = _generator(device, seed)
-    keep = torch.empty(shape, dtype=torch.float32, device=device)
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
     flat = keep.view(-1)
     words = torch.empty(min(n, _CHUNK) // 4 + 1, dtype=torch.int64, device=device)
+    t = round(p * _LEVELS) - _LEVELS // 2  # dropped iff r < t, so P(dropped) = quantised_p(p)
     for i in range(0, n, _CHUNK):
         m = min(_CHUNK, n - i)
         w = words[:(m + 3) // 4].random_(-(1 << 63), None, generator=gen)
-        flat[i:i + m].copy_(w.view(torch.int16)[:m])  # uniform integers on [-2¹⁵, 2¹⁵)
-    t = round(p * _LEVELS) - _LEVELS // 2  # dropped iff r < t, so P(dropped) = quantised_p(p)
-    return keep.sub_(t - 1).clamp_(0, 1)  # integer-valued: r - t + 1 >= 1 iff kept, <= 0 iff dropped
+        torch.ge(w.view(torch.int16)[:m], t, out=flat[i:i + m])  # uniform integers r on [-2¹⁵, 2¹⁵)
+    return keep
+
+
+def keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """``keep_bits`` as a float32 mask (1.0 kept, 0.0 dropped)."""
+    return keep_bits(seed, shape, p, device).to(torch.float32)
 
 
 def dropout(x: Tensor, seed: int, p: float) -> Tensor:
-    """drop(x) = x ⊙ keep / (1 - p), with the mask of ``keep_mask``."""
-    return x * keep_mask(seed, tuple(x.shape), p, x.device) * keep_scale(p)
+    """drop(x) = x ⊙ keep / (1 - p), with the mask of ``keep_bits``."""
+    return torch.where(keep_bits(seed, tuple(x.shape), p, x.device), x, 0).mul_(keep_scale(p))
 
 
 _last_seed: dict = {"ref": None, "version": -1, "p": -1.0, "seed": 0}
@@ -110,7 +115,7 @@ def dropout_seed(x: Tensor, p: float) -> int:
 
 
 class SeededDropout(nn.Dropout):
-    """nn.Dropout whose mask comes from ``dropout_seed``/``keep_mask``: the reference path's dropout, drawing exactly
+    """nn.Dropout whose mask comes from ``dropout_seed``/``keep_bits``: the reference path's dropout, drawing exactly
     the masks the fused path draws. ``source`` is the tensor the layer received (the seed is keyed on it)."""
 
     @torch.compiler.disable
@@ -170,11 +175,8 @@ def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int) -> tuple[T
     _shared["bwd" if phase == "fwd" else "fwd"].close()
 
     def compute():
-        keep = keep_mask(seed, tuple(x2.shape), p, x2.device)  # (N, in)
-        keep = keep if keep.dtype == x2.dtype else keep.to(x2.dtype)  # 0/1: exact in bfloat16
-        if phase == "fwd":
-            return keep.mul_(x2), None  # in place: forward needs no mask
-        return x2 * keep, keep
+        keep = keep_bits(seed, tuple(x2.shape), p, x2.device)  # (N, in), bool
+        return torch.where(keep, x2, 0), (None if phase == "fwd" else keep)  # forward needs no mask
 
     shape = tuple(x2.shape)  # plain ints: comparing torch.Size is slower
     return _shared[phase].get((seed, x2.dtype, shape, x2.device), (owner, shape), compute)
@@ -278,7 +280,7 @@ class LoraLinear(torch.autograd.Function):
             if need_x:
                 t = gh @ A  # (N, r) @ (r, in) -> (N, in)
                 if keep is not None:
-                    t.mul_(keep)
+                    t = torch.where(keep, t, 0)  # (N, in): faster than multiplying by the mask, bfloat16 most
                 if t.dtype == W.dtype:
                     grad_x = t.addmm_(gw, W)  # (N, out) @ (out, in), accumulated in place
                 else:

@@ -303,8 +303,8 @@ def test_shared_input_is_computed_once_and_released(path, monkeypatch):
     input outlives its last reader (the forward's would otherwise sit on the peak at the start of backward)."""
     path(True)
     calls = []
-    make = fused.keep_mask
-    monkeypatch.setattr(fused, "keep_mask", lambda *a: calls.append(a) or make(*a))
+    make = fused.keep_bits
+    monkeypatch.setattr(fused, "keep_bits", lambda *a: calls.append(a) or make(*a))
     model = attached(tiny_llama, "lora", 0.1, target_modules="all-linear")
     for _ in range(3):
         calls.clear()
