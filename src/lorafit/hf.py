@@ -8,6 +8,8 @@ no token is predicted (prompts, padding), as in transformers' own causal-LM loss
 from __future__ import annotations
 
 import inspect
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,58 @@ from .files import writing_dir
 
 IGNORE = -100  # label value that cross-entropy skips (PyTorch's ignore_index default)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX-512 BF16, Arm BF16 (/proc/cpuinfo)
+
+
+def _cpu_flags() -> set[str]:
+    """The feature flags of /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {w for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+            for w in line.split(":", 1)[1].split()}
+
+
+def native_bf16(device: str = "cpu") -> tuple[bool, str]:
+    """Whether ``device`` multiplies bfloat16 in hardware (not by emulation), and what says so, in words.
+
+    CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)``. CPU: the avx512_bf16 / amx_bf16 (x86) or
+    bf16 (Arm) flag with oneDNN's bf16 path in torch. ``torch.backends.cpu.get_cpu_capability()`` cannot tell: it
+    names the vector ISA ("AVX512" with or without BF16), and ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is
+    true on any AVX-512 CPU, where oneDNN emulates bf16 at ~1/40 of float32's speed (measured with
+    ONEDNN_MAX_CPU_ISA=AVX2, which turns the bf16 units off and so counts as none).
+    """
+    if device.startswith("cuda"):
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, ("the GPU has bf16 units" if ok else "the GPU has no bf16 units (compute capability < 8.0)")
+    found = sorted(set(BF16_CPU_FLAGS) & _cpu_flags())
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if found and isa not in ("ALL", "DEFAULT") and not any(k in isa for k in ("BF16", "AMX", "FP16", "AVX10")):
+        return False, f"the CPU has {'/'.join(found)} but ONEDNN_MAX_CPU_ISA={isa} turns it off"
+    if found and torch.backends.mkldnn.is_available():
+        return True, f"the CPU has {'/'.join(found)}"
+    return False, "the CPU has no avx512_bf16/amx_bf16 (x86) or bf16 (Arm) instructions"
+
+
+@torch.no_grad()
+def bf16_speed(n: int = 128, *, repeats: int = 5, budget_s: float = 0.05) -> float:
+    """How fast bfloat16 matmuls run against float32 on this CPU (0.5: half as fast): the best of ``repeats``
+    (n, n) @ (n, n) products per dtype, each dtype stopping after ``budget_s`` (~10 ms in all where bf16 is
+    native, under 0.15 s where it is emulated)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # the first call pays for oneDNN's kernel choice
+        times, start = [], time.perf_counter()
+        while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(a, b) / max(best(a.bfloat16(), b.bfloat16()), 1e-9)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -126,9 +180,16 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str | Path) -> Path:
+def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str | Path, *,
+                     quantized: str | None = None, dtype: str = "bfloat16") -> Path:
     """Load the base, attach the adapter (checked first), merge in float32, and save_pretrained (safetensors)
-    into a new folder, written beside the target and renamed at the end."""
+    into a new folder, written beside the target and renamed at the end.
+
+    ``quantized`` ("nf4", "int8"): the adapter was trained over a quantized base (QLoRA), so it is folded into the
+    weights it was trained against, W = dequantize(quantize(W0)) + s·B·A (PEFT issues #1080, #2105): the base is
+    loaded in ``dtype`` (the run's, which the quantized weights were made from and computed in), quantized as
+    ``lorafit train --quantize`` does, dequantized, and cast to float32; the checkpoint is float32.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .io import load, read_adapter
@@ -139,7 +200,16 @@ def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str
         raise DataError(f"output folder {output} already exists; choose a new folder for the merged model")
     model_dir = check_model_dir(model_dir)
     read_adapter(adapter_dir)  # a broken adapter fails before the (slow) model load
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if quantized:
+        from .quant import check_format, dequantize, quantize
+
+        check_format(quantized)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        quantize(model, quantized)
+        dequantize(model)
+        model.float()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
     merge(load(model, adapter_dir, name="default"))  # the folder's own adapter, not its subfolders
     with writing_dir(output, name_errors=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

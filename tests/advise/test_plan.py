@@ -53,3 +53,59 @@ def test_plan_estimate_within_25_percent_on_smollm2(tmp_path):
                                              ["--steps", "3", *settings])
         print(f"{settings}: estimate {est / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
         assert abs(est - measured) / measured <= 0.25, (settings, est / 2**20, measured / 2**20)
+
+
+# --- a quantized base (lorafit plan --quantize) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_quantized_bytes_are_what_torchao_stores(fmt, dtype):
+    """The estimate's size of one quantized weight against the bytes of the real torchao tensor's parts (exact)."""
+    pytest.importorskip("torchao")
+    import torch
+    from torch import nn
+
+    import lorafit
+    from lorafit.advise.plan import quantized_bytes
+    from lorafit.quant import weight_bytes
+
+    shapes = [(64, 64), (32, 64), (192, 256), (576, 1536), (1536, 576), (40, 96)]  # 60 NF4 blocks: factors of 60
+    model = nn.Sequential(*[nn.Linear(i, o, bias=False) for o, i in shapes]).to(getattr(torch, dtype))
+    assert lorafit.quantize(model, fmt) == [str(k) for k in range(len(shapes))]
+    for (o, i), m in zip(shapes, model):
+        assert weight_bytes(m.weight) == quantized_bytes(o, i, fmt, m.weight.element_size()), ((o, i), fmt, dtype)
+
+
+def test_plan_weights_over_a_quantized_base_are_the_quantized_model_s(tmp_path):
+    """plan's weights (meta model, no torchao work) equal the bytes of the model lorafit train --quantize holds, for
+    a tiny Llama whose k/v projections NF4 leaves in float; and they are far below the unquantized ones."""
+    pytest.importorskip("torchao")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+    from lorafit.advise.plan import plan
+    from lorafit.hf import meta_model
+    from lorafit.quant import weight_bytes
+
+    folder = make_model_dir(tmp_path / "m", hidden=40, intermediate=96)
+    for fmt, n_quantized in (("nf4", 10), ("int8", 14)):
+        real = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        assert len(lorafit.quantize(real, fmt)) == n_quantized
+        held = sum(weight_bytes(p) for p in {id(p): p for p in real.parameters()}.values())
+        p = plan(meta_model(folder, "bfloat16"), lorafit.LoraConfig(), runtime=0, quantize=fmt)
+        assert p["quantized"] == n_quantized and p["memory"].weights == held, (fmt, p["memory"].weights, held)
+        dense = plan(meta_model(folder, "bfloat16"), lorafit.LoraConfig(), runtime=0)["memory"].weights
+        assert p["memory"].weights < dense
+
+
+def test_plan_cli_quantize_defaults_to_bfloat16(tmp_path, capsys):
+    from helpers import run_cli
+
+    folder = make_model_dir(tmp_path / "m")
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--quantize", "nf4")
+    assert code == 0, err
+    assert "bfloat16, 14 linears in nf4" in out
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--quantize", "int8", "--dtype", "float32", "--json")
+    assert code == 0, err
+    assert json.loads(out)["quantized"] == 14

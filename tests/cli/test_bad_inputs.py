@@ -434,6 +434,16 @@ FLAG_CASES = [  # (id, argv from the paths, text the message must contain)
     ("merge-corrupt-adapter", lambda f: ["merge", "--model", f.model, "--adapter", f.broken, "--output", f.out],
      "adapter_model.safetensors is truncated or corrupt"),
     ("inspect-missing-folder", lambda f: ["inspect", f.tmp / "noadapter"], "noadapter does not exist"),
+    ("quantize-unknown", _train("--quantize", "q4"), "quantize='q4' is invalid: expected nf4, int8 or null"),
+    ("yaml-quantize-unknown", _yaml("quantize: fp4\n"), "quantize='fp4' is invalid: expected nf4, int8 or null"),
+    ("resume-with-quantize", lambda f: ["train", "--resume", f.run, "--quantize", "nf4"], "drop --quantize"),
+    ("plan-quantize-unknown", lambda f: ["plan", "--model", f.model, "--quantize", "int4"],
+     "argument --quantize: invalid choice: 'int4'"),
+    ("merge-quantized-unknown", lambda f: ["merge", "--model", f.model, "--adapter", f.adapter, "--output", f.out,
+                                           "--quantized", "fp8"], "argument --quantized: invalid choice: 'fp8'"),
+    ("merge-quantized-over-a-float-run", lambda f: ["merge", "--model", f.model, "--adapter", f.run, "--output",
+                                                    f.out, "--quantized", "nf4"],
+     "config.yaml says the adapter trained over an unquantized base (quantize: null); drop --quantized"),
 ]
 
 

@@ -1,12 +1,28 @@
-"""The embedded default: `lorafit train` with no arguments on SmolLM2-135M-Instruct and the VADER reviews."""
+"""The embedded default: `lorafit train` with no arguments on SmolLM2-135M-Instruct and the VADER reviews, in
+bfloat16 where the CPU has bf16 instructions (float32 elsewhere), and what a bfloat16 run does on a CPU without."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import yaml
+
+import lorafit.hf as hf
+import lorafit.train.config as train_config
+import lorafit.train.loop as loop
+from lorafit.cli import build_parser
+from lorafit.cli.train import train_settings
+
+from helpers import make_data, make_model_dir, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NATIVE = (True, "the CPU has avx512_bf16")
+EMULATED = (False, "the CPU has no avx512_bf16/amx_bf16 (x86) or bf16 (Arm) instructions")
 
 
 @pytest.mark.slow
@@ -22,3 +38,82 @@ def test_default_run_improves_accuracy_by_15_points(tmp_path):
     assert after - before >= 0.15
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "report.png"):
         assert (run / name).is_file()
+    native, why = hf.native_bf16("cpu")
+    dtype = "bfloat16" if native else "float32"
+    assert yaml.safe_load((run / "config.yaml").read_text())["dtype"] == dtype
+    assert f"dtype {dtype}: {why}" in r.stderr  # --quiet: the log lines go to stderr
+
+
+def settings_of(*argv, native=NATIVE, monkeypatch):
+    monkeypatch.setattr(train_config, "native_bf16", lambda device="cpu": native)
+    return train_settings(build_parser().parse_args(["train", *map(str, argv)]))
+
+
+def test_the_default_job_runs_in_bfloat16_on_a_cpu_with_bf16(monkeypatch):
+    settings, note = settings_of(monkeypatch=monkeypatch)
+    assert settings["dtype"] == "bfloat16"
+    assert note == ("dtype bfloat16: the CPU has avx512_bf16, and the default job runs ~2x faster in bfloat16 at the "
+                    "same accuracy (--dtype float32 for the float32 run)")
+
+
+def test_the_default_job_stays_float32_without_bf16(monkeypatch):
+    settings, note = settings_of(native=EMULATED, monkeypatch=monkeypatch)
+    assert settings["dtype"] == "float32"
+    assert note == f"dtype float32: {EMULATED[1]}, so bfloat16 would be emulated and slower"
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_a_named_dtype_always_wins(how, tmp_path, monkeypatch):
+    (tmp_path / "c.yaml").write_text("dtype: float32\nsteps: 3\n")
+    argv = ["--dtype", "float32"] if how == "flag" else ["--config", tmp_path / "c.yaml"]
+    for extra in ([], ["--quantize", "nf4"]):
+        settings, note = settings_of(*argv, *extra, monkeypatch=monkeypatch)
+        assert settings["dtype"] == "float32" and note == ""
+
+
+def test_a_run_of_your_own_model_keeps_float32_unless_quantized(tmp_path, monkeypatch):
+    settings, note = settings_of("--model", tmp_path, monkeypatch=monkeypatch)
+    assert "dtype" not in settings and note == ""  # TrainConfig's float32
+    settings, note = settings_of("--model", tmp_path, "--quantize", "int8", native=EMULATED, monkeypatch=monkeypatch)
+    assert settings["dtype"] == "bfloat16" and note.startswith("dtype bfloat16: int8 base weights with bfloat16 "
+                                                               "compute, QLoRA's recipe")
+
+
+def test_native_bf16_reads_the_cpu_flags_and_onednn_limit(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(hf, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert hf.native_bf16("cpu") == (True, "the CPU has avx512_bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN then emulates bf16 (~40x slower measured here)
+    assert hf.native_bf16("cpu")[0] is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert hf.native_bf16("cpu")[0] is True
+    monkeypatch.setattr(hf, "_cpu_flags", lambda: {"avx2", "avx512f"})  # AVX-512 without BF16
+    assert hf.native_bf16("cpu") == (False, EMULATED[1])
+
+
+def test_bf16_speed_is_quick():
+    t0 = time.perf_counter()
+    ratio = hf.bf16_speed()
+    assert time.perf_counter() - t0 < 0.2 and ratio > 0
+
+
+def test_bfloat16_without_bf16_instructions_warns_with_the_measured_speed_and_trains(tmp_path, monkeypatch,
+                                                                                      capsys):
+    model, data = make_model_dir(tmp_path / "m"), make_data(tmp_path / "d.jsonl", n=16)
+    monkeypatch.setattr(loop, "native_bf16", lambda device="cpu": EMULATED)
+    monkeypatch.setattr(loop, "bf16_speed", lambda: 0.4)  # what an emulating CPU measures (0.02-0.4)
+    code, out, err = run_cli(capsys, "train", "--model", model, "--data", data, "--output", tmp_path / "run",
+                             "--steps", "1", "--batch-size", "4", "--max-length", "32", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert (f"warning: dtype bfloat16, but {EMULATED[1]}: bf16 matmuls run 0.4x as fast as fp32 here; --dtype "
+            "float32 is likely faster") in out
+    assert (tmp_path / "run" / "trainer_state.json").is_file()
+
+
+def test_bfloat16_with_bf16_instructions_says_nothing(tmp_path, monkeypatch, capsys):
+    model, data = make_model_dir(tmp_path / "m"), make_data(tmp_path / "d.jsonl", n=16)
+    monkeypatch.setattr(loop, "native_bf16", lambda device="cpu": NATIVE)
+    code, out, err = run_cli(capsys, "train", "--model", model, "--data", data, "--output", tmp_path / "run",
+                             "--steps", "1", "--batch-size", "4", "--max-length", "32", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "warning" not in out + err

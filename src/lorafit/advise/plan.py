@@ -3,7 +3,10 @@
 Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
 
     runtime      the process after importing torch + transformers (measured here) + tokenizer and data
-  + weights      every base parameter at its dtype
+  + weights      every base parameter at its dtype; with ``quantize``, the linears ``lorafit.quantize`` replaces
+                 at their quantized size (NF4: 4 bits per weight + an int8 scale per 64-weight block + one
+                 compute-dtype factor per <=256 scales; int8: 1 byte per weight + a float32 scale and an int8
+                 zero point per output row)
   + adapter      16 bytes per trainable parameter: fp32 value, gradient and AdamW's two moments
   + activations  what backward keeps per token and layer (decoder transformer: ~10·H + 4·kv + 4·I values; with
                  gradient checkpointing only each layer's input), plus each distinct input of an adapted module
@@ -24,7 +27,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers import adapter_shapes, magnitude_shape
-from ..targets import Target, select_targets
+from ..targets import Target, output_layer_names, select_targets
 
 MiB = 2**20
 TOKENIZER_AND_DATA = 60 * MiB  # tokenizer, tokenized data, metrics and plotting, measured on the demo run
@@ -73,10 +76,49 @@ def adapted_inputs(model: nn.Module, targets: list[Target]) -> int:
     return sum(seen.values())
 
 
+def quantized_linears(model: nn.Module, fmt: str) -> dict[str, nn.Linear]:
+    """The linear layers ``lorafit.quantize(model, fmt)`` replaces, by name: every one but the output layer and
+    those ``quant.skipped`` names (tied weights; for NF4, sizes that are not whole blocks). Works on the meta
+    device."""
+    from ..quant import skipped
+
+    left = output_layer_names(model) | {n for n, _ in skipped(model, fmt=fmt)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in left}
+
+
+def quantized_bytes(out_features: int, in_features: int, fmt: str, compute_bytes: int) -> int:
+    """Bytes of one (out, in) weight as torchao stores it (``quant.weight_bytes`` of the real tensor; tested).
+
+    NF4: the 4-bit codes (n/2), one int8 scale per 64-weight block, one quantization factor per double-quantization
+    block of s scales (s: the largest divisor of the block count up to 256) plus their mean and the 16 NF4 levels,
+    those in the compute dtype. int8: the int8 codes, and a float32 scale and an int8 zero point per output row.
+    """
+    from ..quant import NF4_BLOCK, NF4_SCALER_BLOCK
+
+    n = out_features * in_features
+    if fmt == "int8":
+        return n + out_features * (4 + 1)
+    blocks = n // NF4_BLOCK
+    per_factor = max(d for d in range(1, min(NF4_SCALER_BLOCK, blocks) + 1) if blocks % d == 0)
+    return n // 2 + blocks + (blocks // per_factor + 1 + 16) * compute_bytes
+
+
+def weight_bytes(model: nn.Module, quantize: str | None = None) -> int:
+    """Bytes of the base parameters (each shared tensor once), the linears ``quantize`` would replace at their
+    quantized size (and those of an already quantized model at theirs)."""
+    from ..quant import weight_bytes as stored_bytes
+
+    params = {id(p): stored_bytes(p) for p in model.parameters()}
+    for m in (quantized_linears(model, quantize).values() if quantize else ()):
+        w = m.weight
+        params[id(w)] = quantized_bytes(w.shape[0], w.shape[1], quantize, w.element_size())
+    return sum(params.values())
+
+
 def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_length: int,
                     gradient_checkpointing: bool = False, runtime: int | None = None,
-                    adapter_inputs: int = 0) -> MemoryEstimate:
-    """Peak training memory, by parts (see the module docstring)."""
+                    adapter_inputs: int = 0, quantize: str | None = None) -> MemoryEstimate:
+    """Peak training memory, by parts (see the module docstring); ``quantize``: the base's nf4/int8 linears."""
     cfg = getattr(model, "config", None)
     get = lambda *names, default=0: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa
     hidden = get("hidden_size", "n_embd", "d_model")
@@ -89,10 +131,9 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
     tokens = batch_size * max_length
     per_token_layer = hidden if gradient_checkpointing else 10 * hidden + 4 * kv + 4 * inter
     per_token_adapters = 0 if gradient_checkpointing else adapter_inputs
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return MemoryEstimate(
         runtime=(runtime if runtime is not None else current_rss()) + TOKENIZER_AND_DATA,
-        weights=weights,
+        weights=weight_bytes(model, quantize),
         adapter=16 * n_adapter,
         activations=tokens * (layers * per_token_layer + per_token_adapters) * act_bytes,
         logits=4 * tokens * vocab * 4,
@@ -100,17 +141,19 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
 
 
 def plan(model: nn.Module, cfg: LoraConfig, *, batch_size: int = 8, max_length: int = 256,
-         gradient_checkpointing: bool = False, runtime: int | None = None) -> dict:
-    """Targets, parameter counts, adapter file size and the memory estimate, as a dict."""
+         gradient_checkpointing: bool = False, runtime: int | None = None, quantize: str | None = None) -> dict:
+    """Targets, parameter counts, adapter file size and the memory estimate, as a dict (``quantize``: over an
+    nf4/int8 base, as ``lorafit train --quantize``; ``quantized`` counts its quantized linears)."""
     targets = select_targets(model, cfg)
     per_module = adapter_parameters(model, targets, cfg.use_dora)
     n_adapter = sum(per_module.values())
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     mem = estimate_memory(model, n_adapter, batch_size=batch_size, max_length=max_length,
                           gradient_checkpointing=gradient_checkpointing, runtime=runtime,
-                          adapter_inputs=adapted_inputs(model, targets))
+                          adapter_inputs=adapted_inputs(model, targets), quantize=quantize)
     return {"targets": targets, "per_module": per_module, "trainable": n_adapter, "total": total,
-            "file_bytes": 4 * n_adapter + 200 * len(targets), "memory": mem}
+            "file_bytes": 4 * n_adapter + 200 * len(targets), "memory": mem,
+            "quantized": len(quantized_linears(model, quantize)) if quantize else 0}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -124,7 +167,7 @@ def plan_json(p: dict) -> str:
 
     mem = dataclasses.asdict(p["memory"])
     return json.dumps({"targets": [dataclasses.asdict(t) for t in p["targets"]], "trainable": p["trainable"],
-                       "total": p["total"], "file_bytes": p["file_bytes"],
+                       "total": p["total"], "file_bytes": p["file_bytes"], "quantized": p["quantized"],
                        "memory_bytes": {**mem, "total": p["memory"].total}}, indent=2)
 
 
@@ -149,24 +192,26 @@ def plan_table(model: nn.Module, p: dict) -> list[str]:
 
 
 def plan_report(model_dir: str | Path, cfg: LoraConfig, *, batch_size: int = 8, max_length: int = 256,
-                dtype: str = "float32", gradient_checkpointing: bool = False, as_json: bool = False) -> str:
+                dtype: str = "float32", gradient_checkpointing: bool = False, as_json: bool = False,
+                quantize: str | None = None) -> str:
     """The text table `lorafit plan` prints (or the same facts as JSON): load (shapes), compute, format."""
     runtime = current_rss()
     from ..hf import meta_model
 
     model = meta_model(model_dir, dtype)
     p = plan(model, cfg, batch_size=batch_size, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
-             runtime=runtime)
+             runtime=runtime, quantize=quantize)
     if as_json:
         return plan_json(p)
     mem: MemoryEstimate = p["memory"]
+    quantized = f", {p['quantized']} linears in {quantize}" if quantize else ""
     lines = [f"plan for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha} target_modules={cfg.target_modules!r} "
              f"use_dora={cfg.use_dora} use_rslora={cfg.use_rslora}", "", *plan_table(model, p), "",
              f"  trainable parameters  {p['trainable']:,} of {p['total']:,} "
              f"({100 * p['trainable'] / max(p['total'], 1):.3f}%)",
              f"  adapter file          ~{_fmt_bytes(p['file_bytes'])} (float32 safetensors)",
              f"  peak training memory  ~{_fmt_bytes(mem.total)} for batch {batch_size} x {max_length} tokens, "
-             f"{dtype}{', gradient checkpointing' if gradient_checkpointing else ''}:",
+             f"{dtype}{quantized}{', gradient checkpointing' if gradient_checkpointing else ''}:",
              f"      runtime {_fmt_bytes(mem.runtime)} + weights {_fmt_bytes(mem.weights)} + adapter with grads "
              f"and AdamW {_fmt_bytes(mem.adapter)} + activations {_fmt_bytes(mem.activations)} + logits/loss "
              f"{_fmt_bytes(mem.logits)}"]

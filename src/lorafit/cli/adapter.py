@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from ..config import LoraConfig
+from ..errors import ConfigError
+from ..hf import DTYPES
+from ..quant import FORMATS
 from ..train.config import TrainConfig, default_lora
 from .common import positive_int, read_yaml, target_modules_arg
+from .train import require_quant
 
 
 def _default(name: str):
@@ -28,16 +33,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return value if value is not None else settings.get(name, _default(name))
 
     checkpointing = args.gradient_checkpointing or settings.get("gradient_checkpointing", False)
+    quantize = pick("quantize")
+    if quantize not in (None, *FORMATS):
+        raise ConfigError(f"quantize={quantize!r} is invalid: expected {', '.join(FORMATS)} or null")
+    dtype = args.dtype or settings.get("dtype") or ("bfloat16" if quantize else _default("dtype"))
     print(plan_report(args.model, LoraConfig.from_dict(lora), batch_size=pick("batch_size"),
-                      max_length=pick("max_length"), dtype=pick("dtype"), gradient_checkpointing=checkpointing,
-                      as_json=args.json))
+                      max_length=pick("max_length"), dtype=dtype, gradient_checkpointing=checkpointing,
+                      as_json=args.json, quantize=quantize))
     return 0
+
+
+def merge_base(adapter: str, quantized: str | None) -> tuple[str | None, str, str]:
+    """(format, dtype, why) of the base an adapter was trained over: what the run folder's config.yaml (written by
+    lorafit train) records, or ``--quantized`` (dtype bfloat16, as lorafit train --quantize defaults to)."""
+    run = Path(adapter) / "config.yaml"
+    saved = read_yaml(str(run)) if run.is_file() else {}
+    fmt, dtype = saved.get("quantize"), saved.get("dtype", "bfloat16")
+    if run.is_file() and quantized and fmt != quantized:
+        raise ConfigError(f"--quantized {quantized}, but {run} says the adapter trained over "
+                          f"an {fmt or 'unquantized'} base (quantize: {fmt or 'null'}); drop --quantized")
+    if fmt is not None and fmt not in FORMATS or dtype not in DTYPES:
+        raise ConfigError(f"{run}: quantize={fmt!r} dtype={dtype!r} is not a lorafit run's; expected quantize one of "
+                          f"{', '.join(FORMATS)} or null, dtype one of {', '.join(DTYPES)}")
+    fmt = fmt or quantized
+    why = f"{run} says quantize: {fmt}" if run.is_file() else f"--quantized {fmt}"
+    return fmt, dtype, why
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..hf import merge_checkpoint
 
-    merge_checkpoint(args.model, args.adapter, args.output)
+    fmt, dtype, why = merge_base(args.adapter, args.quantized)
+    require_quant("merge", fmt)
+    if fmt:
+        print(f"merging into the dequantized {fmt} base the adapter was trained against ({why}; {fmt} made from "
+              f"{dtype} weights), in float32; the checkpoint is float32")
+    merge_checkpoint(args.model, args.adapter, args.output, quantized=fmt, dtype=dtype)
     print(f"merged checkpoint written to {args.output}")
     return 0
 
@@ -59,8 +90,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--use-dora", action="store_true", help="plan a DoRA adapter (default: off)")
     p.add_argument("--batch-size", type=positive_int, help="examples per micro-batch (default: 8 or the config's)")
     p.add_argument("--max-length", type=positive_int, help="tokens per example (default: 256 or the config's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="base weights dtype (default: float32 or the config's)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="base weights dtype (default: the config's, else bfloat16 with --quantize, else float32)")
+    p.add_argument("--quantize", choices=FORMATS, help="plan over an nf4/int8 base, as lorafit train --quantize "
+                   "(default: the config's, else none)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation recomputation "
                    "(default: off)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
@@ -72,7 +105,9 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--model", required=True, help="the base model folder")
     p.add_argument("--adapter", required=True, help="the adapter folder (lorafit or PEFT)")
     p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
-    p.set_defaults(func=cmd_merge, needs=("transformers",))
+    p.add_argument("--quantized", choices=FORMATS, help="the adapter was trained over an nf4/int8 base (QLoRA): merge "
+                   "into that base, dequantized (default: what the run's config.yaml says, else no)")
+    p.set_defaults(func=cmd_merge, needs=("transformers", "yaml"))
 
 
 def add_inspect_parser(sub) -> None:

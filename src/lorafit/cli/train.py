@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import sys
 from pathlib import Path
+from typing import Optional
 
 from ..config import LoraConfig
 from ..demo.task import DEFAULT_JOB
-from ..errors import ConfigError
-from ..train.config import SWITCH, TrainConfig, default_lora, describe, settings, shown
+from ..errors import ConfigError, MissingExtraError
+from ..train.config import SWITCH, TrainConfig, default_dtype, default_lora, describe, settings, shown
 from .common import RUN_NEEDS, int_at_least, read_yaml, require_demo, target_modules_arg
 
 # flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
@@ -77,8 +80,16 @@ def given_flags(args: argparse.Namespace) -> dict:
             if getattr(args, _dest(field)) is not None}
 
 
-def train_settings(args: argparse.Namespace) -> dict:
-    """TrainConfig fields: TrainConfig's defaults <- the demo job's (when no model/data is given) <- YAML <- flags."""
+def require_quant(command: str, fmt: Optional[str]) -> None:
+    """A quantized base needs torchao: refuse its absence before any work (as ``require`` does for ``needs``)."""
+    if fmt and importlib.util.find_spec("torchao") is None:
+        raise MissingExtraError(f"lorafit {command} needs torchao, which is not installed: "
+                                "pip install 'lorafit[quant]'")
+
+
+def train_settings(args: argparse.Namespace) -> tuple[dict, str]:
+    """TrainConfig fields: TrainConfig's defaults <- the demo job's (when no model/data is given) <- YAML <- flags,
+    and one line on the dtype where none was named and it was chosen (``default_dtype``), else ""."""
     yaml_cfg = read_yaml(args.config) if args.config else {}
     if "lora" in yaml_cfg and not isinstance(yaml_cfg["lora"], dict):
         raise ConfigError("'lora:' in the config file must be a mapping of LoraConfig fields")
@@ -92,7 +103,11 @@ def train_settings(args: argparse.Namespace) -> dict:
         else:
             settings_[field] = value
     settings_["lora"] = lora
-    return settings_
+    note = ""
+    if "dtype" not in settings_:
+        dtype, note = default_dtype(demo=demo, quantize=settings_.get("quantize"))
+        settings_.update({"dtype": dtype} if dtype else {})
+    return settings_, note
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,9 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(read_yaml(str(folder / "config.yaml")))
         cfg.output = str(folder)
         require_demo("train", cfg.model)
+        require_quant("train", cfg.quantize)
         run(cfg, resume=True, quiet=args.quiet)
         return 0
-    cfg = TrainConfig.from_dict(train_settings(args))
+    settings_, note = train_settings(args)
+    cfg = TrainConfig.from_dict(settings_)
     require_demo("train", cfg.model)
+    require_quant("train", cfg.quantize)
+    if note:
+        print(note, file=sys.stderr if args.quiet else sys.stdout, flush=True)
     run(cfg, quiet=args.quiet)
     return 0

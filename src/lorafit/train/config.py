@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..hf import DTYPES
+from ..hf import DTYPES, native_bf16
+from ..quant import FORMATS
 
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -92,7 +93,11 @@ class TrainConfig:
     eval_every: int = setting(0, "evaluate every N steps; 0 = before and after training only", COUNT)
     save_every: int = setting(0, "checkpoint every N steps; 0 = never", COUNT)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", SWITCH)
-    dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES), one_of(tuple(DTYPES)))
+    dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES) + "; when unset, bfloat16 with "
+                         "--quantize and in the default job on a CPU with bf16 instructions", one_of(tuple(DTYPES)))
+    quantize: Optional[str] = setting(None, "store the frozen base linears as " + " or ".join(FORMATS) + " (QLoRA, "
+                                      "via torchao; the adapter stays float32)",
+                                      Check(lambda v: v is None or v in FORMATS, ", ".join(FORMATS) + " or null"))
     add_eos: bool = setting(True, "append EOS to completions and texts", SWITCH)
     group_by_length: bool = setting(True, "batch examples of similar length together (less padding)", SWITCH)
     pack: bool = setting(False, "text data only: concatenate the examples and cut them into full blocks of "
@@ -130,12 +135,32 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(known))}"
-                              " (LoRA settings go under 'lora:')")
+            raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed: "
+                              f"{', '.join(sorted(known))} (LoRA settings go under 'lora:')")
         try:
             return cls(**data)
         except TypeError as e:
             raise ConfigError(str(e)) from None
+
+
+def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str], str]:
+    """The base dtype of a run whose settings name none, and one line saying why; (None, "") keeps TrainConfig's
+    float32.
+
+    With ``quantize``: bfloat16, QLoRA's recipe (NF4 storage, bf16 compute; Dettmers et al. 2023, §3). The default
+    job: bfloat16 on a CPU with bf16 instructions (measured on avx512_bf16: the same 0.875 accuracy as float32 in
+    56 s against 119 s), float32 elsewhere, where bf16 is emulated and slower.
+    """
+    if quantize:
+        return "bfloat16", (f"dtype bfloat16: {quantize} base weights with bfloat16 compute, QLoRA's recipe "
+                            "(--dtype float32 computes in float32)")
+    if not demo:
+        return None, ""
+    native, why = native_bf16("cpu")
+    if native:
+        return "bfloat16", (f"dtype bfloat16: {why}, and the default job runs ~2x faster in bfloat16 at the same "
+                            "accuracy (--dtype float32 for the float32 run)")
+    return "float32", f"dtype float32: {why}, so bfloat16 would be emulated and slower"
 
 
 def settings() -> list[dataclasses.Field]:
