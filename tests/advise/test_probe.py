@@ -27,8 +27,8 @@ from torch import nn
 
 import lorafit
 from lorafit import ConfigError, LoraConfig
-from lorafit.advise.probe import (allocate_ranks, complexity_score, effective_rank, gradient_spectra, probe, probe_table,
-                           probed_config)
+from lorafit.advise.probe import (allocate_ranks, complexity_score, effective_rank, gradient_spectra, probe,
+                                  probe_table, probed_config)
 from lorafit.targets import select_targets
 
 from helpers import close, tiny_gpt2, tiny_llama
@@ -58,15 +58,16 @@ def test_allocate_ranks_greedy_per_parameter():
     assert allocate_ranks({"z": torch.zeros(3)}, {"z": 4}, {"z": 0.0}) == {"z": 0}
 
 
-def test_probed_config_keeps_alpha_over_r_and_resolves_per_module():
+def test_probed_config_keeps_one_alpha_and_resolves_per_module():
     model = tiny_llama()
     ranks = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.up_proj": 8, "model.layers.1.mlp.up_proj": 8,
              "model.layers.1.self_attn.v_proj": 0}
     cfg = probed_config(ranks)
     assert cfg.r == 8 and cfg.lora_alpha == 16 and cfg.rank_pattern == {r"model\.layers\.0\.self_attn\.q_proj": 3}
+    assert not cfg.alpha_pattern  # the convention: one alpha at every rank (lorafit.advise.suggest.LORA_ALPHA)
     targets = select_targets(model, cfg)
     assert {t.name: t.r for t in targets} == {m: r for m, r in ranks.items() if r}
-    assert all(t.scaling == 2.0 for t in targets)
+    assert all(t.alpha == 16 and t.scaling == 16 / t.r for t in targets)
     with pytest.raises(ConfigError, match="no gradient signal"):
         probed_config({"x": 0})
     assert complexity_score({"a": 4, "b": 12}, {"a": 3.0, "b": 1.0}) == 6.0

@@ -9,7 +9,8 @@ from torch import nn
 
 from lorafit import ConfigError, LoraConfig
 from lorafit.advise.plan import adapter_parameters, estimate_memory
-from lorafit.advise.suggest import attention_roles, parse_bytes, parse_count, suggest, target_spec
+from lorafit.advise.suggest import (LORA_ALPHA, attention_roles, learning_rate, model_width, parse_bytes, parse_count,
+                                    suggest, target_spec)
 from lorafit.hf import meta_model
 from lorafit.targets import select_targets
 
@@ -92,22 +93,23 @@ def test_structural_fallback_for_unknown_names():
 # --- the rules of thumb ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_simple_task_low_rank_default_alpha(kind):
+def test_simple_task_low_rank_one_alpha(kind):
     model = MODELS[kind]()
     s = suggest(model, "simple", goal="quality", runtime=0)
-    assert (s.config.r, s.config.lora_alpha, s.config.target_modules) == (8, 8, "all-linear")
+    assert (s.config.r, s.config.lora_alpha, s.config.target_modules) == (8, 16, "all-linear")
     assert s.fits and not s.config.use_dora
     e = suggest(model, "simple", goal="efficiency", runtime=0)
-    assert (e.config.r, e.config.lora_alpha, e.config.target_modules) == (4, 8, QV[kind])
+    assert (e.config.r, e.config.lora_alpha, e.config.target_modules) == (4, 16, QV[kind])
     assert any(line.startswith("r=4: a simple task") for line in e.reasons)
-    assert any("default alpha" in line for line in e.reasons)
+    assert any(line.startswith("lora_alpha=16: the same alpha at every rank (scaling alpha/r = 4)")
+               for line in e.reasons)
 
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_complex_task_high_rank(kind):
     model = MODELS[kind]()
     q = suggest(model, "complex", goal="quality", runtime=0)
-    assert (q.config.r, q.config.lora_alpha, q.config.target_modules) == (32, 64, "all-linear")
+    assert (q.config.r, q.config.lora_alpha, q.config.target_modules) == (32, 16, "all-linear")
     e = suggest(model, "complex", goal="efficiency", runtime=0)
     assert (e.config.r, e.config.target_modules) == (16, QV[kind])
     assert 16 <= q.config.r <= 64 and 16 <= e.config.r <= 64
@@ -134,7 +136,7 @@ def test_memory_constrained_targets_q_and_v_only(kind):
     assert s.config.target_modules == QV[kind] and s.config.r == 8 and s.fits
     assert s.estimate.total == qv_mem <= parse_bytes(qv_mem)
     assert any("memory-constrained" in line for line in s.reasons)
-    assert s.train == {"batch_size": 8, "max_length": 256}
+    assert s.train == {"lr": s.lr, "batch_size": 8, "max_length": 256}
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -152,7 +154,7 @@ def test_memory_budget_turns_on_checkpointing_then_smaller_batches():
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     gc_mem = total_memory(model, cfg, gc=True)
     s = suggest(model, "simple", memory_budget=gc_mem, runtime=0)
-    assert s.fits and s.train == {"batch_size": 8, "max_length": 256, "gradient_checkpointing": True}
+    assert s.fits and s.train == {"lr": s.lr, "batch_size": 8, "max_length": 256, "gradient_checkpointing": True}
     assert s.config.target_modules == ["q_proj", "v_proj"] and s.config.r == 4
     small = total_memory(model, cfg, batch=2, gc=True)
     s = suggest(model, "simple", memory_budget=small, runtime=0)
@@ -168,6 +170,28 @@ def test_nothing_fits_says_so(kind):
     assert s.train["batch_size"] == 1 and s.train["gradient_checkpointing"]
     tiny = suggest(MODELS[kind](), "simple", param_budget=10, runtime=0)
     assert not tiny.fits and tiny.config.r == 1 and "> budget 10" in tiny.reasons[-1]
+
+
+def test_learning_rate_rule_follows_width_and_the_alpha_convention():
+    """lr(d) = 1.5·3.6e-4·(1024/d)^0.77 at alpha 16: QLoRA's 2e-4 (d=4096, 5120) and 1e-4 (6656, 8192) within 1.4x;
+    alpha·lr (Adam's step of B·A) is what stays fixed when alpha or RSLoRA change the scale."""
+    class Wide(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.config = type("Cfg", (), {"hidden_size": d})()
+
+    for d, qlora in ((4096, 2e-4), (5120, 2e-4), (6656, 1e-4), (8192, 1e-4)):
+        assert qlora / 1.4 <= learning_rate(Wide(d)) <= qlora * 1.4, d
+    assert learning_rate(Wide(576)) == 8.4e-4  # SmolLM2-135M
+    base = learning_rate(Wide(4096))  # rounded to 2 significant digits
+    assert learning_rate(Wide(4096), alpha=32) == pytest.approx(base / 2, rel=0.05)
+    assert learning_rate(Wide(4096), r=16, use_rslora=True) == pytest.approx(base / 4, rel=0.05)
+    assert learning_rate(Wide(4096), r=1) == learning_rate(Wide(4096), r=64)  # rank-free at fixed alpha
+    assert model_width(tiny_gpt2()) == 32 and model_width(Net()) == 16 and LORA_ALPHA == 16
+    s = suggest(tiny_llama(), "complex", runtime=0)
+    assert s.lr == learning_rate(tiny_llama()) and s.to_yaml_dict()["lr"] == s.lr
+    assert any(line.startswith(f"lr={s.lr:g}: about the pretraining learning rate") and "Brown et al. 2020" in line
+               for line in s.reasons)
 
 
 def test_unknown_complexity_is_assumed_simple_and_said():
@@ -227,7 +251,8 @@ def test_cli_suggest_writes_a_train_config(tmp_path, capsys):
     assert "r=16" in text and "target_modules=q_proj, v_proj" in text and "fits:" in text
     cfg = TrainConfig.from_dict(read_yaml(str(out)))  # exactly what `lorafit train --config` does
     assert cfg.lora.r == 16 and cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model == str(model_dir)
-    assert yaml.safe_load(out.read_text())["lora"]["lora_alpha"] == 32
+    assert yaml.safe_load(out.read_text())["lora"]["lora_alpha"] == 16
+    assert cfg.lr == learning_rate(tiny_llama()) and "lr=" in text
     args = parser().parse_args(["suggest", "--model", str(model_dir), "--memory-budget", "10MB"])
     assert args.func(args) == 1  # nothing fits
     assert "NOTHING FITS" in capsys.readouterr().out

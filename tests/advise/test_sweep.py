@@ -20,12 +20,12 @@ FAST = dict(steps=6, batch_size=4, max_length=48, lr=5e-3, eval_max=8, save_ever
 def test_parse_grid_is_the_product_with_defaults():
     points = parse_grid("r=4,8; targets=qv,all-linear ;variant=lora,dora")
     assert len(points) == 8
-    assert points[0] == {"r": 4, "targets": "qv", "variant": "lora", "alpha": "2r"}
-    assert points[-1] == {"r": 8, "targets": "all-linear", "variant": "dora", "alpha": "2r"}
-    assert parse_grid("r=16") == [{"r": 16, "targets": "qv", "variant": "lora", "alpha": "2r"}]
+    assert points[0] == {"r": 4, "targets": "qv", "variant": "lora", "alpha": 16.0}  # suggest.LORA_ALPHA
+    assert points[-1] == {"r": 8, "targets": "all-linear", "variant": "dora", "alpha": 16.0}
+    assert parse_grid("r=16") == [{"r": 16, "targets": "qv", "variant": "lora", "alpha": 16.0}]
     assert parse_grid("alpha=8,2r;r=4")[0]["alpha"] == 8.0
-    assert [point_name(p) for p in parse_grid("r=4;targets=q_proj+v_proj;variant=rslora;alpha=16")] == \
-        ["r4-q_proj_v_proj-rslora-a16"]
+    assert [point_name(p) for p in parse_grid("r=4;targets=q_proj+v_proj;variant=rslora;alpha=12")] == \
+        ["r4-q_proj_v_proj-rslora-a12"]
 
 
 @pytest.mark.parametrize("spec, match", [("r=0", "positive integers"), ("r=four", "positive integers"),

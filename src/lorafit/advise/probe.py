@@ -54,6 +54,7 @@ from ..errors import ConfigError
 from .gauss_newton import newton_step, output_grads, recorded_calls
 from ..layers import in_out_features
 from ..targets import select_targets
+from .suggest import LORA_ALPHA
 
 SIMPLE_MAX = 8  # the design note's simple-task range is r = 4-8
 
@@ -100,12 +101,13 @@ def complexity_score(ranks: dict[str, int], totals: dict[str, float]) -> float:
     return sum(totals[m] * k for m, k in ranks.items()) / weight if weight > 0 else 0.0
 
 
-def probed_config(ranks: dict[str, int], alpha_ratio: float = 2.0, use_dora: bool = False) -> LoraConfig:
-    """A LoraConfig adapting the modules with rank > 0, each at its own rank, alpha = alpha_ratio·r.
+def probed_config(ranks: dict[str, int], alpha: float = LORA_ALPHA, use_dora: bool = False) -> LoraConfig:
+    """A LoraConfig adapting the modules with rank > 0, each at its own rank, all with the same ``alpha``.
 
-    The most common rank becomes ``r``; the others go to ``rank_pattern`` / ``alpha_pattern`` keyed by the escaped
-    full name (keys are regexes matched at a dot boundary). alpha/r is the same for every module, so each module's
-    update has the scaling of lorafit's default (r=8, alpha=16) and one learning rate suits them all.
+    The most common rank becomes ``r``; the others go to ``rank_pattern`` keyed by the escaped full name (keys are
+    regexes matched at a dot boundary). No ``alpha_pattern``: lorafit's alpha convention (lorafit.advise.suggest)
+    is one alpha at every rank, scale alpha/r_m per module, because Adam's step of each module's update is then
+    ~alpha·lr whatever its rank, and one learning rate suits them all (LoRA §4.1).
     """
     chosen = {m: r for m, r in ranks.items() if r > 0}
     if not chosen:
@@ -114,8 +116,7 @@ def probed_config(ranks: dict[str, int], alpha_ratio: float = 2.0, use_dora: boo
     values = list(chosen.values())
     common = max(sorted(set(values)), key=values.count)
     pattern = {re.escape(m): r for m, r in chosen.items() if r != common}
-    return LoraConfig(r=common, lora_alpha=alpha_ratio * common, target_modules=list(chosen), rank_pattern=pattern,
-                      alpha_pattern={k: alpha_ratio * r for k, r in pattern.items()}, use_dora=use_dora)
+    return LoraConfig(r=common, lora_alpha=alpha, target_modules=list(chosen), rank_pattern=pattern, use_dora=use_dora)
 
 
 # --- gradients -------------------------------------------------------------------------------------------
@@ -141,11 +142,11 @@ class SketchedGradient:
     def __init__(self, n_in: int, n_out: int, seed: int, k: int = 32) -> None:
         g = torch.Generator().manual_seed(seed)
         self.n_in, self.n_out = n_in, n_out
-        self.k, l = min(k, n_in, n_out), min(2 * k + 1, n_out)
+        self.k, n_rows = min(k, n_in, n_out), min(2 * k + 1, n_out)
         self.Omega = torch.randn(n_in, self.k, generator=g, dtype=torch.float64)  # (in, k)
-        self.Psi = torch.randn(l, n_out, generator=g, dtype=torch.float64)  # (l, out)
+        self.Psi = torch.randn(n_rows, n_out, generator=g, dtype=torch.float64)  # (l, out)
         self.Y = torch.zeros(n_out, self.k, dtype=torch.float64)
-        self.Z = torch.zeros(l, n_in, dtype=torch.float64)
+        self.Z = torch.zeros(n_rows, n_in, dtype=torch.float64)
 
     def add(self, x: Tensor, dy: Tensor) -> None:  # x (N, in), dy (N, out)
         x, dy = x.double(), dy.double()

@@ -2,10 +2,28 @@
 
 The rules (the design note behind lorafit, with the papers that motivate them):
 
-    simple task        r = 4-8, the default alpha            LoRA §7.2: r = 1-8 already suffices on GPT-3
+    simple task        r = 4-8                               LoRA §7.2: r = 1-8 already suffices on GPT-3
     complex task       r = 16-64, or DoRA at a lower rank    DoRA (Liu et al. 2024): its gain is largest at low r
     memory-constrained attention query and value only        LoRA §7.1, Table 5: W_q, W_v is the best single pair
     best quality       all linear layers at moderate rank    QLoRA §4 (Dettmers et al. 2023): all layers are needed
+
+One alpha convention (``LORA_ALPHA``), shared by ``suggest``, ``probe`` and ``tune``: lora_alpha = 16 at every rank,
+so the scale is alpha/r = 16/r (2 at lorafit's default r=8). With Adam the size of the adapter's step is about
+s·r·lr (B moves by ~lr per entry whatever its gradient's size, and B·A sums r such terms), = alpha·lr: a fixed alpha
+keeps one learning rate right for every rank and every module of a probed rank pattern. LoRA §4.1: "we simply set
+alpha to the first r we try and do not tune it ... this scaling helps to reduce the need to retune hyperparameters
+when we vary r"; Schulman et al. 2025 ("LoRA Without Regret", Thinking Machines) measure the best learning rate
+nearly independent of rank at fixed alpha. Scaling alpha with r (alpha = 2r) would instead grow the step with r.
+
+The learning rate (``learning_rate``): about the pretraining learning rate of a model of that width,
+
+    lr(d) = 1.5 · 3.6e-4 · (1024 / d)^0.77 · 16 / (s·r)       d = hidden size, s·r = alpha (alpha·sqrt(r) RSLoRA)
+
+3.6e-4·(1024/d)^0.77 fits GPT-3's pretraining learning rates against width (Brown et al. 2020, Table 2.1); the
+factor 1.5 matches QLoRA's LoRA learning rates at alpha 16 (2e-4 for 7B/13B, 1e-4 for 33B/65B; Dettmers et al.
+2023, App. B); that is ~10x full fine-tuning's, the ratio LoRA's best learning rate is found at (Biderman et al.
+2024, https://arxiv.org/abs/2405.09673; Schulman et al. 2025). The last factor keeps alpha·lr, what Adam's step
+depends on, at the convention's.
 
 ``suggest`` picks the preferred configuration for (complexity, goal), then shrinks it until it fits the budgets:
 fewer targets (all-linear -> q, v), a lower rank, gradient checkpointing, a smaller micro-batch (gradient
@@ -14,7 +32,8 @@ accumulation keeps the effective batch). When nothing fits, ``fits`` is False an
 Modules are found by structure and name, so any transformers model works (``attention_roles``).
 
 Papers: LoRA https://arxiv.org/abs/2106.09685, DoRA https://arxiv.org/abs/2402.09353,
-QLoRA https://arxiv.org/abs/2305.14314.
+QLoRA https://arxiv.org/abs/2305.14314, GPT-3 https://arxiv.org/abs/2005.14165,
+LoRA Without Regret https://thinkingmachines.ai/blog/lora/.
 """
 
 from __future__ import annotations
@@ -29,6 +48,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import layer_kind
 from .plan import MemoryEstimate, adapter_parameters, estimate_memory
+from ..ops import scaling
 from ..targets import output_layer_names, select_targets
 
 COMPLEXITIES = ("simple", "complex")
@@ -41,7 +61,8 @@ RULES = {
     ("complex", "efficiency"): dict(targets="qv", r=16, r_min=16),
     ("complex", "quality"): dict(targets="all-linear", r=32, r_min=16),
 }
-DEFAULT_ALPHA = 8  # PEFT's default lora_alpha; LoRA §4.1 sets alpha once and does not tune it
+LORA_ALPHA = 16  # the one alpha convention: this alpha at every rank (module docstring); lorafit's default r=8
+LR_MIN, LR_MAX = 1e-5, 1e-2  # the rule's range: beyond its fitted widths it extrapolates
 
 # --- which module does what --------------------------------------------------------------------------------
 
@@ -177,6 +198,34 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+# --- the learning rate ------------------------------------------------------------------------------------
+
+def model_width(model: nn.Module) -> int:
+    """The hidden size (config's hidden_size / n_embd / d_model), else the most common input width of the linears."""
+    cfg = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+    return max(sorted(set(widths)), key=widths.count) if widths else 1024
+
+
+def learning_rate(model: nn.Module, *, r: int = 8, alpha: float = LORA_ALPHA, use_rslora: bool = False) -> float:
+    """AdamW peak learning rate for a LoRA adapter of ``model`` (the module docstring's rule, clipped to
+    [LR_MIN, LR_MAX]): lr(d) = 1.5 · 3.6e-4 · (1024/d)^0.77 · 16 / (s·r)."""
+    d = model_width(model)
+    step_scale = scaling(r, alpha, use_rslora) * r  # what Adam's step of B·A is proportional to (alpha for LoRA)
+    lr = 1.5 * 3.6e-4 * (1024 / d) ** 0.77 * LORA_ALPHA / step_scale
+    return float(f"{min(max(lr, LR_MIN), LR_MAX):.2g}")
+
+
+def lr_reason(model: nn.Module, lr: float) -> str:
+    """The reason line for the learning rate ``suggest`` gives."""
+    return (f"lr={lr:g}: about the pretraining learning rate of a width-{model_width(model)} model (a fit to GPT-3's, "
+            "Brown et al. 2020, Table 2.1, matching QLoRA's 2e-4 at 7B/13B and 1e-4 at 33B/65B), ~10x full "
+            "fine-tuning's, where LoRA's best learning rate is found (Biderman et al. 2024; Schulman et al. 2025)")
+
+
 # --- the suggestion ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -188,7 +237,11 @@ class Suggestion:
     fits: bool
     estimate: MemoryEstimate  # lorafit plan's peak-memory estimate for ``train`` settings
     trainable: int  # adapter parameters
-    train: dict = field(default_factory=dict)  # TrainConfig settings the fit depends on (batch, checkpointing)
+    train: dict = field(default_factory=dict)  # TrainConfig settings: lr, and what the fit depends on (batch, ...)
+
+    @property
+    def lr(self) -> float:
+        return self.train["lr"]
 
     def to_yaml_dict(self) -> dict:
         """A ``lorafit train --config`` mapping: the training settings and the LoRA fields under ``lora:``."""
@@ -227,7 +280,7 @@ class _Fit:
 
     def config(self) -> LoraConfig:
         spec = target_spec(self.model, self.targets, self.roles)
-        alpha = DEFAULT_ALPHA if self.complexity == "simple" else 2 * self.r
+        alpha = LORA_ALPHA  # the convention: the same alpha at every rank (module docstring)
         # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank
         return LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
                           use_dora=self.complexity == "complex" and self.r < 16)
@@ -287,14 +340,14 @@ def _choice_reasons(fit: _Fit, cfg: LoraConfig, goal: str) -> list[str]:
     else:
         out = [f"target_modules={names} ({n_modules} layers): {fit.targets_why}; attention query and value are "
                "the best single pair under a fixed parameter budget (LoRA §7.1, Table 5)"]
+    alpha = (f"lora_alpha={cfg.lora_alpha:g}: the same alpha at every rank (scaling alpha/r = "
+             f"{cfg.lora_alpha / r:g}): Adam's step of the update is ~alpha·lr whatever r is, so one learning "
+             "rate serves every rank (LoRA §4.1 sets alpha once; Schulman et al. 2025)")
     if fit.complexity == "simple":
         return out + [f"r={r}: a simple task needs little capacity (rule: r=4-8; LoRA §7.2 finds r=1-8 enough)",
-                      f"lora_alpha={cfg.lora_alpha:g}: the default alpha, set once and not tuned (LoRA §4.1); "
-                      f"scaling alpha/r = {cfg.lora_alpha / r:g}"]
+                      alpha]
     out += [f"r={r}: a complex task needs capacity (rule: r=16-64)" + (f"; the budget allows only r={r}" if r < 16
-                                                                        else ""),
-            f"lora_alpha={cfg.lora_alpha:g}: alpha = 2r keeps the scaling alpha/r = 2 of lorafit's default "
-            "(r=8, alpha=16), so the learning rate need not change with r"]
+                                                                        else ""), alpha]
     if cfg.use_dora:
         out.append("use_dora=true: below r=16 DoRA's learned magnitude recovers most of the quality a "
                    "complex task loses (DoRA's gain over LoRA is largest at low rank)")
@@ -357,8 +410,10 @@ def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_bu
     cfg = fit.config()
     n, mem = fit.size()
     fits = (n_budget is None or n <= n_budget) and (mem_budget is None or mem.total <= mem_budget)
-    reasons += _choice_reasons(fit, cfg, goal) + fit.notes + [_budget_reason(fit, n, mem, fits, n_budget, mem_budget)]
-    train = {"batch_size": fit.batch, "max_length": max_length}
+    lr = learning_rate(model, r=cfg.r, alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+    reasons += _choice_reasons(fit, cfg, goal) + [lr_reason(model, lr)] + fit.notes \
+        + [_budget_reason(fit, n, mem, fits, n_budget, mem_budget)]
+    train = {"lr": lr, "batch_size": fit.batch, "max_length": max_length}
     if fit.accum > 1:
         train["grad_accum"] = fit.accum
     if fit.gc:

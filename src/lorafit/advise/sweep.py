@@ -7,8 +7,9 @@ Pareto front (no other point has both fewer parameters and a lower loss) and the
 
 Grid syntax: ``"r=4,8,16;targets=qv,all-linear;variant=lora,dora"`` (the product of all values). Keys:
 ``r`` (ranks), ``targets`` (qv | attention | mlp | all-linear | module names joined by '+'), ``variant``
-(lora | dora | rslora), ``alpha`` (numbers, or ``2r``: alpha = 2·r, the default, so the scaling alpha/r = 2 of
-lorafit's default r=8, alpha=16 holds at every rank and one learning rate serves the whole grid).
+(lora | dora | rslora), ``alpha`` (numbers, or ``2r``: alpha = 2·r). The default is the one alpha convention of
+``suggest``, ``probe`` and ``tune`` (``suggest.LORA_ALPHA`` = 16 at every rank): with Adam an update moves by about
+alpha·lr whatever the rank, so one learning rate serves the whole grid (docs/guidance.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Optional
 
 from ..config import LoraConfig
 from ..errors import ConfigError
+from .suggest import LORA_ALPHA
 
 GRID_KEYS = ("r", "targets", "variant", "alpha")
 VARIANTS = ("lora", "dora", "rslora")
@@ -47,7 +49,7 @@ def parse_grid(spec: str) -> list[dict]:
     axes.setdefault("r", [8])
     axes.setdefault("targets", ["qv"])
     axes.setdefault("variant", ["lora"])
-    axes.setdefault("alpha", ["2r"])
+    axes.setdefault("alpha", [float(LORA_ALPHA)])
     keys = list(axes)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
 
@@ -75,9 +77,9 @@ def _grid_value(key: str, value: str):
 
 
 def point_name(point: dict) -> str:
-    """A folder name for a grid point, e.g. "r8-qv-lora" (alpha added when not the default 2r)."""
+    """A folder name for a grid point, e.g. "r8-qv-lora" (alpha added when not the default LORA_ALPHA)."""
     targets = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(point["targets"]))
-    alpha = "" if point["alpha"] == "2r" else f"-a{point['alpha']:g}"
+    alpha = "" if point["alpha"] == LORA_ALPHA else "-a2r" if point["alpha"] == "2r" else f"-a{point['alpha']:g}"
     return f"r{point['r']}-{targets}-{point['variant']}{alpha}"
 
 

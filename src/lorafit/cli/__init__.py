@@ -8,6 +8,7 @@
     lorafit eval --model DIR [--adapter DIR] --data FILE [--generate] [--compare]  loss, accuracy, answers
     lorafit generate | chat --model DIR [--adapter DIR]                            try the result
     lorafit suggest | probe | sweep                                                how to configure LoRA
+    lorafit tune --model DIR --data FILE --trials N [--storage URL]                search it with Optuna
     lorafit export ADAPTER --format gguf|vllm [--model DIR] --output PATH          for llama.cpp or vLLM
     lorafit check ADAPTER --for peft|vllm|llama.cpp|transformers                   what an engine cannot load
 
@@ -22,7 +23,7 @@ import sys
 
 from .. import __version__
 from ..errors import AdapterError, ConfigError, DataError, TrainingError
-from . import adapter, advise, data, export, infer, train
+from . import adapter, advise, data, export, infer, train, tune
 from .common import require
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_parsers(sub)
     infer.add_parsers(sub)  # generate, chat
     advise.add_parsers(sub)  # suggest, probe, sweep
+    tune.add_parser(sub)
     export.add_parsers(sub)  # export, check
     return parser
 

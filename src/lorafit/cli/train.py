@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..config import LoraConfig
 from ..demo.task import DEFAULT_JOB
-from ..errors import ConfigError, MissingExtraError
+from ..errors import ConfigError
 from ..train.config import SWITCH, TrainConfig, default_dtype, default_lora, describe, settings, shown
-from .common import RUN_NEEDS, int_at_least, read_yaml, require_demo, target_modules_arg
+from .common import RUN_NEEDS, int_at_least, read_yaml, require, require_demo, target_modules_arg
 
 # flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
 LORA_FLAGS = {"--rank": ("r", int_at_least(1)), "--lora-alpha": ("lora_alpha", float),
@@ -81,10 +80,9 @@ def given_flags(args: argparse.Namespace) -> dict:
 
 
 def require_quant(command: str, fmt: Optional[str]) -> None:
-    """A quantized base needs torchao: refuse its absence before any work (as ``require`` does for ``needs``)."""
-    if fmt and importlib.util.find_spec("torchao") is None:
-        raise MissingExtraError(f"lorafit {command} needs torchao, which is not installed: "
-                                "pip install 'lorafit[quant]'")
+    """A quantized base needs torchao: refuse its absence before any work (``require``, only when ``fmt`` is set)."""
+    if fmt:
+        require(command, ("torchao",))
 
 
 def train_settings(args: argparse.Namespace) -> tuple[dict, str]:

@@ -1,0 +1,142 @@
+"""One training run of `lorafit tune` in its own process, watched from the study's process.
+
+The run is ``lorafit.train.run`` on ``FOLDER/trial.json`` (TrainConfig fields), output in ``FOLDER/run``, log in
+``FOLDER/train.log``, started from a forkserver that has imported torch and transformers once (a fresh interpreter
+per trial would spend ~4 s importing them). The watcher reads the evaluations the run appends to
+``run/metrics.jsonl`` at the rungs (``eval_every``), hands each to ``on_eval`` (Optuna's report / should_prune) and
+kills the process when it says stop. A crash, a kill or a diverging loss ends the trial's process only: the worker
+records why and goes on. The child exits by itself when the study's process is gone (a killed ``tune``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+POLL_S = 0.2
+# imported once by the forkserver, so that each trial process starts with them (transformers imports its model
+# classes lazily: ~2 s per process for Llama otherwise)
+PRELOAD = ["lorafit.advise.trial", "lorafit.train.loop", "lorafit.hf", "transformers", "transformers.modeling_utils",
+           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+           "matplotlib.pyplot"]
+
+
+def preload_model_type(model_type: str) -> None:
+    """Have the forkserver also import the modeling module of ``model_type`` (before the first trial starts it)."""
+    name = f"transformers.models.{model_type}.modeling_{model_type}"
+    if name not in PRELOAD:
+        PRELOAD.append(name)
+
+
+@dataclass
+class Outcome:
+    state: str  # "complete" | "pruned" | "failed"
+    value: Optional[float] = None  # final eval loss
+    step: int = 0  # last evaluated step
+    reason: str = ""
+    summary: Optional[dict] = None  # trainer_state.json of a complete run
+
+
+def _watch_parent(pid: int) -> None:
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(3)  # the study's process is gone: nobody reads this trial any more
+        time.sleep(0.5)
+
+
+def child_main(folder: str, resume: bool, parent_pid: int) -> None:
+    """The trial process: train ``folder/trial.json`` into ``folder/run``; an error goes to ``folder/error.txt``."""
+    folder_p = Path(folder)
+    log = os.open(folder_p / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    from ..train import TrainConfig, run
+
+    try:
+        cfg = TrainConfig.from_dict(json.loads((folder_p / "trial.json").read_text()))
+        run(cfg, resume=resume, quiet=True)
+    except BaseException as e:  # noqa: BLE001 - every failure is the trial's, recorded for the study
+        (folder_p / "error.txt").write_text(f"{type(e).__name__}: {e}")
+        os._exit(1)
+
+
+def start_server() -> None:
+    """Start the forkserver now, so that it imports PRELOAD while the study's process does other work."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _evals(path: Path, seen: set) -> list[dict]:
+    """New evaluation records of a metrics.jsonl that is being appended to (a torn last line is skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "eval" and rec["step"] > 0 and rec["step"] not in seen and "eval_loss" in rec:
+            seen.add(rec["step"])
+            out.append(rec)
+    return out
+
+
+def failure_reason(folder: Path, exitcode: Optional[int]) -> str:
+    """Why a trial process failed: "diverged: ..." for a non-finite loss, else its error or exit status."""
+    err = folder / "error.txt"
+    if err.is_file():
+        text = err.read_text().strip()
+        if "non-finite" in text or "loss became" in text:
+            return "diverged: " + text.split(": ", 1)[-1]
+        return text
+    if exitcode is not None and exitcode < 0:
+        return f"the trial process was killed by signal {-exitcode} (out of memory?)"
+    return f"the trial process exited with code {exitcode}; see {folder / 'train.log'}"
+
+
+def run_trial(folder: Path, *, on_eval: Callable[[int, float], bool], heartbeat: Callable[[], None] = lambda: None,
+              resume: bool = False) -> Outcome:
+    """Train ``folder/trial.json`` in its own process; ``on_eval(step, loss)`` True stops (prunes) it."""
+    proc = _context().Process(target=child_main, args=(str(folder), resume, os.getpid()))
+    proc.start()
+    seen: set = set()
+    last = (0, None)
+    try:
+        while True:
+            proc.join(POLL_S)
+            heartbeat()
+            for rec in _evals(folder / "run" / "metrics.jsonl", seen):
+                last = (rec["step"], rec["eval_loss"])
+                if on_eval(*last):
+                    proc.kill()
+                    proc.join()
+                    return Outcome("pruned", last[1], last[0], f"pruned at step {last[0]}")
+            if proc.exitcode is not None:
+                break
+    finally:
+        if proc.is_alive():  # the watcher itself is ending (KeyboardInterrupt): end the trial with it
+            proc.kill()
+            proc.join()
+    state = folder / "run" / "trainer_state.json"
+    if proc.exitcode == 0 and state.is_file():
+        summary = json.loads(state.read_text())
+        return Outcome("complete", summary["after"]["eval_loss"], summary["steps"], summary=summary)
+    return Outcome("failed", None, last[0], failure_reason(folder, proc.exitcode))

@@ -1,0 +1,222 @@
+"""lorafit tune: the search space and its bad input, the storage errors, a 6-trial study on a tiny Llama (prunes,
+writes every file, best.yaml trains), a kill during a trial and the rerun, two workers on one SQLite file."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorafit import ConfigError
+from lorafit.advise.space import Space, parse_space, scaled_pattern, trial_lora, within
+from lorafit.config import LoraConfig
+
+from helpers import make_data, make_model_dir, run_cli, tiny_llama
+
+optuna = pytest.importorskip("optuna")
+
+FAST = ["--steps", "8", "--batch-size", "4", "--max-length", "48", "--eval-max", "8"]
+SMALL_SPACE = "r: {low: 1, high: 4}\ntargets: [qv, mlp]\nalpha: [16]\nrslora: [false]\ndora: [false]\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    space = d / "space.yaml"
+    space.write_text(SMALL_SPACE)
+    return make_model_dir(d / "m"), make_data(d / "d.jsonl", n=48), space
+
+
+def tune_argv(files, out, trials, *extra):
+    model, data, space = files
+    return ["tune", "--model", model, "--data", data, "--trials", trials, "--output", out, *FAST, *extra]
+
+
+def load(out: Path, name: str = "lorafit"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def finished(study) -> list:
+    """Complete, pruned and failed-for-a-reason trials (a trial failed for a lost heartbeat is re-run)."""
+    S = optuna.trial.TrialState
+    return [t for t in study.trials if t.state in (S.COMPLETE, S.PRUNED)
+            or (t.state == S.FAIL and "fail_reason" in t.user_attrs)]
+
+
+# --- the space -------------------------------------------------------------------------------------------
+
+def test_space_parses_ranges_and_choices():
+    s = parse_space({"r": {"low": 2, "high": 16}, "targets": ["qv", "probed"], "dora": [True], "lr": {"low": 1e-4,
+                                                                                                       "high": 1e-2}})
+    assert s.r == (2, 16) and s.targets == ("qv", "probed") and s.dora == (True,) and s.lr == (1e-4, 1e-2)
+    assert Space().around(1e-3).lr == pytest.approx((1e-4, 1e-2)) and s.around(1.0).lr == (1e-4, 1e-2)
+    assert within({"r": 100, "targets": "attention", "lr": 1.0}, s) == {"r": 16, "lr": 1e-2}
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"rank": [4]}, "unknown search-space key.*'rank'.*allowed: r, targets"),
+    ({"r": {"low": 8, "high": 4}}, "'r' is an empty range: low 8 > high 4"),
+    ({"lr": {"low": 1e-2, "high": 1e-4}}, "'lr' is an empty range"),
+    ({"targets": []}, "'targets' is empty"),
+    ({"targets": ["qk"]}, "'qk' is not one of qv, attention"),
+    ({"r": [4, 8]}, "'r' is a range"),
+    ({"r": {"low": 0, "high": 4}}, "integers >= 1"),
+    ({"alpha": [-1]}, "positive numbers"),
+])
+def test_space_bad_input(data, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_space(data)
+
+
+def test_trial_lora_targets_and_the_scaled_probed_pattern():
+    model = tiny_llama()
+    cfg = trial_lora(model, {"r": 4, "targets": "qv", "alpha": 16.0, "rslora": True, "dora": False})
+    assert cfg == LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    probed = LoraConfig(r=2, lora_alpha=16, target_modules=["a", "b", "c"], rank_pattern={"b": 4, "c": 1})
+    assert scaled_pattern(probed, 8).rank_pattern == {"b": 16, "c": 4} and scaled_pattern(probed, 1).rank_pattern \
+        == {"b": 2}  # c: max(1, round(0.5)) = 1 = r, so no entry
+    with pytest.raises(ConfigError, match="probe"):
+        trial_lora(model, {"r": 4, "targets": "probed", "alpha": 16.0, "rslora": False, "dora": False})
+
+
+# --- bad input at the command line: exit 2, nothing written ------------------------------------------------
+
+def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 0))
+    assert code == 2 and "expected a positive integer, got '0'" in err
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("rank: [4]\n")
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 2, "--space", bad_space))
+    assert code == 2 and "unknown search-space key(s) 'rank'" in err
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 2, "--storage", "postgresql://me:secret@db.example/x"))
+    assert code == 2 and "URL scheme 'postgresql' needs the driver psycopg2-binary" in err and "secret" not in err
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 2, "--storage", "nosuchdb://x"))
+    assert code == 2 and "Optuna cannot open the storage nosuchdb://x (URL scheme 'nosuchdb')" in err
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 2, "--space", files[2], "--budget-params", "100"))
+    assert code == 2 and "fits --budget-params 100: the smallest (r=1, qv) has 448 adapter parameters" in err
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 2, "--space", files[2], "--memory-budget", "10MB"))
+    assert code == 2 and "fits --memory-budget 10 MiB: the smallest (r=1, qv) needs ~" in err
+    assert not out.exists()
+
+
+def test_a_failed_trial_process_is_recorded_with_its_reason(tmp_path):
+    """A crash in a trial ends that trial's process only; a non-finite loss reads as diverged."""
+    from lorafit.advise.trial import failure_reason, run_trial
+
+    (tmp_path / "trial.json").write_text('{"steps": 0}')  # refused by TrainConfig inside the trial process
+    out = run_trial(tmp_path, on_eval=lambda step, loss: False)
+    assert out.state == "failed" and out.reason.startswith("ConfigError: steps=0 is invalid")
+    (tmp_path / "error.txt").write_text("TrainingError: loss became nan at step 3; stopping (no checkpoint)")
+    assert failure_reason(tmp_path, 1) == "diverged: loss became nan at step 3; stopping (no checkpoint)"
+    (tmp_path / "error.txt").unlink()
+    assert "killed by signal 9" in failure_reason(tmp_path, -9)
+
+
+def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(files, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"chat_template: {tmp_path / 'missing.jinja'}\n")  # every trial's process fails when it loads
+    out = tmp_path / "failing"
+    code, text, _ = run_cli(capsys, *tune_argv(files, out, 2, "--space", files[2], "--config", cfg))
+    assert code == 1 and "no trial completed" in text
+    study = load(out)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2  # both ran: the study went on
+    assert all("missing.jinja" in t.user_attrs["fail_reason"] for t in study.trials)
+    assert "missing.jinja" in (out / "results.md").read_text()
+
+
+# --- a study ---------------------------------------------------------------------------------------------
+
+def test_six_trials_prune_write_every_file_and_best_trains(files, tmp_path, capsys):
+    out = tmp_path / "study"
+    code, text, err = run_cli(capsys, *tune_argv(files, out, 6, "--sampler-seed", "0", "--seeds", "2"))
+    assert code == 0, err
+    for name in ("study.db", "results.csv", "results.md", "pareto.png", "importances.png", "best.yaml",
+                 "probed.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    study = load(out)
+    done = finished(study)
+    assert len(study.trials) == len(done) == 6
+    states = [t.state for t in done]
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+    assert [t.user_attrs.get("mark") for t in study.trials[:2]] == ["suggested", "probed"]
+    assert study.trials[1].params["targets"] == "probed"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 6 and {r["mark"] for r in rows} >= {"suggested", "probed"}
+    assert any(r["seeds"] == "2" and r["std"] for r in rows)  # the top configs re-trained with a second seed
+    assert "done 6/6" in text and "pruned" in text and "best " in text
+    code, _, err = run_cli(capsys, "train", "--config", out / "best.yaml", "--output", tmp_path / "best", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
+
+    # the same study with another search space is refused, before any trial
+    other = tmp_path / "other.yaml"
+    other.write_text("r: {low: 2, high: 8}\n")
+    code, _, err = run_cli(capsys, *tune_argv(files, out, 6, "--space", other))
+    assert code == 2 and "was created with another space" in err and "--study NEW_NAME" in err
+    assert len(load(out).trials) == 6
+
+
+def _wait_for(predicate, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def _tune_process(files, out, trials, log: Path) -> subprocess.Popen:
+    argv = [str(a) for a in tune_argv(files, out, trials, "--space", files[2], "--heartbeat", "1")]
+    return subprocess.Popen([sys.executable, "-m", "lorafit", *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_killed_study_resumes_and_reruns_the_interrupted_trial_only(files, tmp_path, capsys):
+    out = tmp_path / "killed"
+    proc = _tune_process(files, out, 3, tmp_path / "first.log")
+    step_logged = out / "trials" / "0001" / "run" / "metrics.jsonl"
+    _wait_for(lambda: step_logged.is_file() and '"loss"' in step_logged.read_text())  # trial 1 is training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.value for t in load(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert list(before) == [0]  # trial 0 finished before the kill
+
+    code, text, err = run_cli(capsys, *tune_argv(files, out, 3, "--space", files[2], "--heartbeat", "1"))
+    assert code == 0, err
+    study = load(out)
+    done = finished(study)
+    assert len(done) == 3 and study.trials[0].value == before[0]  # kept, not re-run
+    interrupted = study.trials[1]
+    assert interrupted.state == optuna.trial.TrialState.FAIL and "fail_reason" not in interrupted.user_attrs
+    retry = [t for t in done if t.system_attrs.get("failed_trial") == 1]
+    assert len(retry) == 1 and retry[0].params == interrupted.params
+    assert sorted(t.number for t in done) == [0, 2, 3]
+
+
+def test_two_workers_on_one_sqlite_file_share_the_trials(files, tmp_path):
+    out = tmp_path / "shared"
+    workers = [_tune_process(files, out, 4, tmp_path / f"w{i}.log") for i in range(2)]
+    for w in workers:
+        assert w.wait(timeout=600) == 0, (tmp_path / "w0.log").read_text()[-2000:]
+    study = load(out)
+    assert len(study.trials) == len(finished(study)) == 4  # N in total: none run twice, none extra
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    ran = [{int(line.split("]")[0].split()[-1]) for line in log.splitlines() if line.startswith("[trial ")}
+           for log in logs]
+    assert not ran[0] & ran[1] and ran[0] | ran[1] == {0, 1, 2, 3}
+
+
+def test_tune_without_optuna_says_what_to_install_before_any_work(files, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(a) for a in tune_argv(files, out, 2)]
+    code = f"import sys; sys.modules['optuna'] = None\nfrom lorafit.cli import main\nsys.exit(main({argv!r}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("lorafit: error: lorafit tune needs optuna, which is not installed: "
+                                                 "pip install 'lorafit[tune]'")
+    assert not out.exists()
