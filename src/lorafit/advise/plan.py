@@ -8,8 +8,8 @@ Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
                  compute-dtype factor per <=256 scales; int8: 1 byte per weight + a float32 scale and an int8
                  zero point per output row)
   + adapter      16 bytes per trainable parameter: fp32 value, gradient and AdamW's two moments
-  + activations  what backward keeps per token and layer (decoder transformer: ~10·H + 4·kv + 4·I values; with
-                 gradient checkpointing only each layer's input), plus each distinct input of an adapted module
+  + activations  what backward keeps per token and layer, in the base's dtype (decoder transformer: ~10·H + 4·kv +
+                 4·I values; with gradient checkpointing only each layer's input), plus each distinct input of an adapted module
                  (A's gradient needs it), plus the logits and their loss tensors (~4·V)
 
 The activation coefficients were calibrated against measured peak RSS (tests/test_plan.py checks the estimate is
@@ -127,7 +127,8 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
     heads = get("num_attention_heads", "n_head", default=1)
     kv = get("num_key_value_heads", default=heads) * (hidden // max(heads, 1))
     vocab = get("vocab_size")
-    act_bytes = 4  # activations of the loss path run in float32 on the CPU
+    # activations run in the base's dtype (bfloat16 bases, QLoRA's bf16 compute: 2 bytes; float32: 4)
+    act_bytes = min(4, next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4))
     tokens = batch_size * max_length
     per_token_layer = hidden if gradient_checkpointing else 10 * hidden + 4 * kv + 4 * inter
     per_token_adapters = 0 if gradient_checkpointing else adapter_inputs
