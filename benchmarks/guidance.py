@@ -2,12 +2,12 @@
 the difference more than seed noise?
 
     python benchmarks/guidance.py --output runs/guidance                 # 40 trials x 60 steps, 3 seeds (hours)
-    python benchmarks/guidance.py --output runs/guidance --trials 12 --steps 30 --seeds 3
+    python benchmarks/guidance.py --output runs/guidance --trials 10 --seeds 3      # what docs/guidance.md shows
 
 On the embedded task (SmolLM2-135M-Instruct, movie-review sentiment; the `lorafit train` demo job's data and
-settings): (1) `lorafit tune` with --seeds K, which re-trains its top 3 configurations with K seeds; (2) the
-suggested and the probed configurations (the study's trials 0 and 1) and the best one, each re-trained with seeds
-0..K-1 for the full step budget (a pruned trial 0 or 1 is trained out here); (3) one Markdown table, mean ± std of
+settings): (1) `lorafit tune`, timed; (2) the suggested and the probed configurations (the study's trials 0 and 1)
+and tune's best, each re-trained with seeds 0..K-1 for the full step budget; (3) the uniform grid (GRID: alpha 16,
+suggest's learning rate for all), K seeds each, timed; (4) one Markdown table with the zero-shot row, mean ± std of
 the eval loss and accuracy over the seeds, to paste into docs/guidance.md. Resumable: rerun the same command.
 """
 
@@ -18,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -50,40 +51,78 @@ def summary(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
 
 
+# the issue's uniform grid, alpha = the one convention (16) and one learning rate (suggest's) for all
+GRID = {"q,v r=8": dict(r=8, target_modules=["q_proj", "v_proj"]),
+        "all-linear r=1": dict(r=1, target_modules="all-linear"),
+        "all-linear r=8": dict(r=8, target_modules="all-linear"),
+        "all-linear r=32": dict(r=32, target_modules="all-linear"),
+        "attention r=16": dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "MLP r=8": dict(r=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        "DoRA all-linear r=4": dict(r=4, target_modules="all-linear", use_dora=True)}
+
+
+def row(name: str, cfg: dict, results: list[dict], trainable: int, seeds: int) -> str:
+    acc = [r["eval_accuracy"] for r in results if "eval_accuracy" in r]
+    return (f"| {name}: r={cfg['lora'].get('r')}, alpha={cfg['lora'].get('lora_alpha')}, lr={cfg['lr']:.2g} | "
+            f"{trainable:,} | {summary([r['eval_loss'] for r in results])} | {summary(acc) if acc else '-'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=Path("runs/guidance"))
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--no-grid", action="store_true", help="skip the uniform grid")
     args = p.parse_args()
     study_dir = args.output / "tune"
-    sh("tune", "--trials", args.trials, "--steps", args.steps, "--seeds", args.seeds, "--output", study_dir,
+    t0 = time.perf_counter()
+    sh("tune", "--trials", args.trials, "--steps", args.steps, "--seeds", 1, "--output", study_dir,
        "--sampler-seed", 0)
+    tune_s = time.perf_counter() - t0
 
     import optuna
     import yaml
 
     study = optuna.load_study(study_name="lorafit", storage=f"sqlite:///{(study_dir / 'study.db').resolve()}")
     best = yaml.safe_load((study_dir / "best.yaml").read_text())
-    configs = {"best (tune)": best}
+    configs = {}
     for t in study.trials[:2]:  # suggest's and probe's, enqueued first
         cfg = json.loads((Path(t.user_attrs["folder"]) / "trial.json").read_text())
         cfg.pop("output")
         cfg["eval_every"] = 0
         configs[t.user_attrs.get("mark", f"trial {t.number}")] = cfg
-    lines = [f"| configuration | trainable | eval loss, mean ± std ({args.seeds} seeds) | accuracy |",
-             "|---|---:|---:|---:|"]
+    configs["best (tune)"] = {**best, "eval_every": 0}
+    header = [f"| configuration | trainable | eval loss, mean ± std ({args.seeds} seeds) | accuracy |",
+              "|---|---:|---:|---:|"]
+    lines, zero = list(header), None
     for name, cfg in configs.items():
-        results = retrain(cfg, args.output / name.split()[0], args.seeds)
-        state = args.output / name.split()[0] / "seed0" / "trainer_state.json"
-        trainable = json.loads(state.read_text())["trainable"]
-        acc = [r["eval_accuracy"] for r in results if "eval_accuracy" in r]
-        lines.append(f"| {name}: r={cfg['lora'].get('r')}, lr={cfg['lr']:.2g} | {trainable:,} | "
-                     f"{summary([r['eval_loss'] for r in results])} | {summary(acc) if acc else '-'} |")
+        folder = args.output / name.split()[0]
+        results = retrain(cfg, folder, args.seeds)
+        state = json.loads((folder / "seed0" / "trainer_state.json").read_text())
+        zero = zero or state.get("before")
+        lines.append(row(name, cfg, results, state["trainable"], args.seeds))
+    grid_s = None
+    if not args.no_grid:
+        base = dict(configs[next(iter(configs))])  # suggest's settings and learning rate
+        t0 = time.perf_counter()
+        for name, lora in GRID.items():
+            cfg = {**base, "lora": {**base["lora"], "r": lora["r"], "lora_alpha": 16, "alpha_pattern": {},
+                                    "target_modules": lora["target_modules"], "rank_pattern": {},
+                                    "use_dora": lora.get("use_dora", False), "use_rslora": False}}
+            folder = args.output / ("grid-" + name.replace(" ", "_").replace(",", "").replace("=", ""))
+            results = retrain(cfg, folder, args.seeds)
+            state = json.loads((folder / "seed0" / "trainer_state.json").read_text())
+            lines.append(row(f"grid {name}", cfg, results, state["trainable"], args.seeds))
+        grid_s = time.perf_counter() - t0
+    if zero:
+        lines.insert(2, f"| zero-shot | 0 | {zero['eval_loss']:.4f} | {zero.get('eval_accuracy', float('nan')):.3f} |")
     table = "\n".join(lines)
-    (args.output / "guidance.md").write_text(table + "\n")
+    times = f"tune ({args.trials} trials x {args.steps} steps): {tune_s:.0f} s" + \
+        (f"; grid ({len(GRID)} configs x {args.seeds} seeds): {grid_s:.0f} s" if grid_s else "")
+    (args.output / "guidance.md").write_text(table + "\n\n" + times + "\n")
     print(table)
+    print("\n" + times)
     print(f"\nalso: {study_dir / 'results.md'}, {study_dir / 'pareto.png'}, {study_dir / 'importances.png'}")
 
 

@@ -12,7 +12,7 @@ All-linear r=16 alpha=32, dropout 0.05, batch 4 x 128, AdamW, 2 threads. Each ro
   optimizer state, activations, temporaries: exact, allocator-independent);
 * quant MB / bf16 MB: what the quantized linears' weights hold, and what the same weights take in bf16;
 * saved-in-step: how much of the bytes the quantization saves on the weights the step's tensor peak actually
-  saves against the bf16 row (100%: no dequantized copies kept);
+  saves against the same library's bf16 row (100%: no dequantized copies kept);
 * plan MB: ``lorafit plan``'s estimate of the peak RSS for the row (lorafit rows), and its ratio to the measured.
 
 The dequantization cost is measured apart: each quantized weight is dequantized alone, timed, and multiplied by the
@@ -42,7 +42,8 @@ ROWS = {
     "lorafit-int8": ("lorafit-lora", "bfloat16", "int8"),
     "peft-fp32": ("peft-lora", "float32", None),
     "peft-bf16": ("peft-lora", "bfloat16", None),
-    "peft-bnb-nf4": ("peft-lora", "bfloat16", "nf4"),
+    "lorafit-bnb-nf4": ("lorafit-lora", "bfloat16", "bnb-nf4"),
+    "peft-bnb-nf4": ("peft-lora", "bfloat16", "bnb-nf4"),
 }
 
 
@@ -121,7 +122,6 @@ def main() -> None:
         for c in children.values():
             c.proc.kill() if c.proc.poll() is None else None
 
-    ref = final.get("lorafit-bf16")
     lines = [f"{'row':<14} {'step s':>7} {'x floor':>8} {'peak MB':>8} {'tensor MB':>9} {'quant MB':>9} "
              f"{'bf16 MB':>8} {'saved-in-step':>13} {'plan MB':>8} {'plan/peak':>9}"]
     for r in rows:
@@ -129,9 +129,11 @@ def main() -> None:
         x = statistics.median(a / b for a, b in zip(times[r], times["floor-bf16"]))
         q, qb = f.get("quant_mb", 0), f.get("quant_bf16_mb", 0)
         saved = "-"
+        ref = final.get(r.split("-")[0] + "-bf16")  # the same library over the unquantized bf16 base
         if q and ref is not None and ROWS[r][1] == "bfloat16":
             saved = f"{(ref['tensor_mb'] - f['tensor_mb']) / (qb - q):.0%}"
-        est = plan_mb(ROWS[r][1], ROWS[r][2]) if r.startswith("lorafit") else None
+        quant = {"bnb-nf4": "nf4"}.get(ROWS[r][2], ROWS[r][2])
+        est = plan_mb(ROWS[r][1], quant) if r.startswith("lorafit") else None
         lines.append(f"{r:<14} {statistics.median(times[r]):>7.3f} {x:>8.3f} {f['peak_mb']:>8.0f} "
                      f"{f['tensor_mb']:>9.0f} {q:>9.1f} {qb:>8.1f} {saved:>13} "
                      + (f"{est:>8.0f} {est / f['peak_mb']:>9.2f}" if est else f"{'-':>8} {'-':>9}"))

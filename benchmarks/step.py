@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -89,13 +90,13 @@ def bnb_4bit(model):
 
 def quantize_base(model, kind: str, fmt: str):
     """The base of a ``--quantize`` run: lorafit.quantize for lorafit; for PEFT, bitsandbytes NF4 (QLoRA) or torchao
-    int8 weight-only (PEFT's torchao support)."""
-    if kind == "lorafit":
+    int8 weight-only (PEFT's torchao support); "bnb-nf4": bitsandbytes NF4 for both."""
+    if fmt == "bnb-nf4" or (kind == "peft" and fmt == "nf4"):
+        bnb_4bit(model)
+    elif kind == "lorafit":
         import lorafit
 
         lorafit.quantize(model, fmt)
-    elif fmt == "nf4":
-        bnb_4bit(model)
     else:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
         from torch import nn
@@ -120,7 +121,7 @@ def quantized_bytes(model) -> tuple[int, int]:
         state = getattr(w, "quant_state", None)
         if state is not None:  # bitsandbytes: packed 4-bit data + the (nested) scales
             held += w.data.nbytes + sum(t.nbytes for t in _state_tensors(state))
-            bf16 += 2 * (m.in_features * m.out_features)
+            bf16 += 2 * math.prod(state.shape)  # the unpacked (out, in)
         elif is_quantized(w):
             held += quant.weight_bytes(w)
             bf16 += 2 * w.numel()

@@ -18,6 +18,7 @@ Exit codes: 0 success, 2 bad usage or input (nothing written), 1 runtime failure
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -42,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# torchao (imported by transformers and lorafit.quant when installed) logs, at import, that its CUDA kernels cannot
+# load on this machine, and torch logs its deprecated pytree registrations: noise for every command, not news
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
