@@ -17,6 +17,15 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 
 
+def copy_trainable(dst: nn.Module, src: nn.Module) -> nn.Module:
+    """Copy ``src``'s trainable parameters into ``dst``'s in order (two models with the same adapter layout)."""
+    with torch.no_grad():
+        for p, q in zip(dst.parameters(), src.parameters()):
+            if q.requires_grad:
+                p.copy_(q)
+    return dst
+
+
 def tiny_llama(seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 

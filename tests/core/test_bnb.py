@@ -14,7 +14,7 @@ import lorafit
 from lorafit.layers import LoraLayer, layer_kind
 from lorafit.model import adapter_parameter_names
 from lorafit.tensors import cpu_inference_layout, is_packed
-from helpers import close_to_scale, make_model_dir
+from helpers import close_to_scale, copy_trainable, make_model_dir
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -141,11 +141,7 @@ def test_merge_is_refused_until_dequantize_then_equals_the_float_merged_referenc
     assert isinstance(layer.base, torch.nn.Linear) and not is_packed(layer.weight)
     assert layer.weight is layer.base.weight and not layer.weight.requires_grad
     close_to_scale(logits(model), before, rtol=1e-5, msg="dequantized base + adapter vs 4-bit + adapter")
-    ref = lorafit.attach(float_base(model_dir), cfg())
-    with torch.no_grad():
-        for p, q in zip(ref.parameters(), model.parameters()):
-            if q.requires_grad:
-                p.copy_(q)
+    ref = copy_trainable(lorafit.attach(float_base(model_dir), cfg()), model)
     lorafit.merge(model)
     lorafit.merge(ref)
     assert not lorafit.adapters(model)

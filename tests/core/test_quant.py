@@ -12,7 +12,7 @@ import torch
 import lorafit
 from lorafit import quant
 from lorafit.tensors import dense, is_quantized
-from helpers import tiny_llama
+from helpers import copy_trainable, tiny_llama
 
 pytest.importorskip("torchao")
 
@@ -143,11 +143,7 @@ def test_merge_of_a_quantized_run_equals_the_dequantized_merged_reference(fmt, u
     model, _ = quantized(fmt, torch.float32)
     lorafit.attach(model, cfg(use_dora))
     model, _ = train_steps(model)
-    ref = lorafit.attach(dequantized(fmt), cfg(use_dora))  # the float base the adapter trained against
-    with torch.no_grad():
-        for p, q in zip(ref.parameters(), model.parameters()):
-            if q.requires_grad:
-                p.copy_(q)
+    ref = copy_trainable(lorafit.attach(dequantized(fmt), cfg(use_dora)), model)  # the float base trained against
     lorafit.merge(ref)
     lorafit.merge(model)
     assert not any(is_quantized(p) for p in model.parameters())
