@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
+from ..train.config import default_dtype
 from .common import (RUN_NEEDS, non_negative_int, positive_int, read_yaml, require_demo, target_modules_arg,
                      write_yaml)
 from .train import train_flags
@@ -37,6 +38,9 @@ def _base_settings(args: argparse.Namespace) -> dict:
     if demo:
         settings.update(DEFAULT_JOB)
     settings.update(yaml_cfg)
+    if "dtype" not in settings:  # the dtype lorafit train would pick (bfloat16 for the demo on a bf16 CPU)
+        dtype, _ = default_dtype(demo=demo, quantize=settings.get("quantize"))
+        settings.update({"dtype": dtype} if dtype else {})
     settings["save_every"] = 0  # sweep points are short; a finished point is the unit of resumption
     for key in ("model", "data", "steps", "batch_size", "lr", "max_length", "eval_max", "seed"):
         value = getattr(args, key, None)
