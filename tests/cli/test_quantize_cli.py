@@ -4,6 +4,7 @@ it was trained against; without torchao both commands refuse before any work."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -156,4 +157,15 @@ def test_a_model_with_no_linear_nf4_can_hold_is_refused_before_any_file(files, t
     code, _, err = train(capsys, model, files[2], tmp_path / "run", "--quantize", "nf4")
     assert code == 2
     assert "selects no linear layer that can be quantized to nf4" in err and "not a multiple of NF4's block" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantize_under_torchrun_is_refused_before_any_work(files, tmp_path):
+    """In its own process: a torchrun worker's error ends the process at once (cli._fail)."""
+    model, _, data = files
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--quantize", "nf4"]
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--quantize nf4 under torchrun (WORLD_SIZE=2) is not supported yet" in r.stderr
     assert not (tmp_path / "run").exists()

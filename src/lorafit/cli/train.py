@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -80,9 +81,15 @@ def given_flags(args: argparse.Namespace) -> dict:
 
 
 def require_quant(command: str, fmt: Optional[str]) -> None:
-    """A quantized base needs torchao: refuse its absence before any work (``require``, only when ``fmt`` is set)."""
-    if fmt:
-        require(command, ("torchao",))
+    """A quantized base needs torchao: refuse its absence before any work (``require``, only when ``fmt`` is set),
+    and runs under torchrun, which lorafit has not tested over quantized weights (DDP broadcasts and FSDP shards the
+    parameters, torchao tensor subclasses among them)."""
+    if not fmt:
+        return
+    require(command, ("torchao",))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--quantize {fmt} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) is not supported "
+                          "yet: run it as one process, or drop --quantize to train in bf16 on every rank")
 
 
 def train_settings(args: argparse.Namespace) -> tuple[dict, str]:
