@@ -339,8 +339,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         if autocast:  # what autocast would do to the base matmul, done once
             dt = torch.get_autocast_dtype(device)
-            dt = weight.dtype if is_quantized(weight) else dt  # a quantized weight computes in its own dtype
-            x, weight, bias = x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+            if is_quantized(weight):  # a quantized weight computes in its own dtype, and stays quantized
+                dt = weight.dtype
+            else:
+                weight = weight.to(dt)
+            x, bias = x.to(dt), None if bias is None else bias.to(dt)
         norm = None
         if magnitude is not None:  # a quantized W0 is dequantized for the norm (one layer at a time)
             norm = dora_norm(dense(weight.t() if transposed else weight), A, B, s, w0_sq)  # (out,), in A's dtype

@@ -250,3 +250,17 @@ def test_weight_based_init_is_refused_over_a_quantized_base():
     with pytest.raises(lorafit.ConfigError, match="rewrites the base weight.*quantized"):
         lorafit.attach(model, config)
     assert not lorafit.adapters(model)
+
+
+def test_autocast_keeps_a_quantized_weight_quantized_and_trains():
+    """Under torch.autocast(bfloat16) the fused path casts x and the bias, never the NF4 weight (a cast would
+    dequantize it: a float copy of every weight)."""
+    model, _ = quantized("nf4", torch.bfloat16)
+    lorafit.attach(model, cfg(dropout=0.1)).train()
+    x = ids(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert is_quantized(layer.weight) and torch.isfinite(loss)
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
