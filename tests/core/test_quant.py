@@ -253,8 +253,8 @@ def test_weight_based_init_is_refused_over_a_quantized_base():
 
 
 def test_autocast_keeps_a_quantized_weight_quantized_and_trains():
-    """Training over NF4 under torch.autocast(bfloat16): the fused path stays on (it casts x and the bias, not the
-    quantized weight) and the adapter gets its gradients."""
+    """Training over NF4 under torch.autocast(bfloat16) runs, the weight stays quantized and the adapter gets its
+    gradients (the fused path casts x and the bias, never the quantized weight)."""
     model, _ = quantized("nf4", torch.bfloat16)
     lorafit.attach(model, cfg(dropout=0.1)).train()
     x = ids(3)
