@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import ConfigError, MissingExtraError
 from .layers import LoraLayer
-from .model import has_adapter
+from .model import _set_module, has_adapter
 from .targets import name_matches, output_layer_names
 from .tensors import cpu_inference_layout, dense, is_packed, is_quantized
 
@@ -70,7 +70,7 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def _scaler_block(n_blocks: int) -> int:
+def scaler_block(n_blocks: int) -> int:
     """The largest divisor of ``n_blocks`` up to NF4_SCALER_BLOCK (torchao needs whole double-quantization blocks)."""
     return max(d for d in range(1, min(NF4_SCALER_BLOCK, n_blocks) + 1) if n_blocks % d == 0)
 
@@ -141,7 +141,7 @@ def quantize(model: nn.Module, fmt: str, *, modules="all-linear") -> list[str]:
         if not w.dtype.is_floating_point:
             raise ConfigError(f"lorafit.quantize: {name}.weight is {w.dtype}, not a float weight")
         if fmt == "nf4":
-            q = to_nf4(w.detach(), NF4_BLOCK, _scaler_block(w.numel() // NF4_BLOCK))
+            q = to_nf4(w.detach(), NF4_BLOCK, scaler_block(w.numel() // NF4_BLOCK))
             m.weight = nn.Parameter(q, requires_grad=False)
         else:
             with _quiet("torchao"):
@@ -192,11 +192,6 @@ def _bitsandbytes():
         raise MissingExtraError("this model holds bitsandbytes layers; dequantizing them needs bitsandbytes, which "
                                 "is not installed: pip install bitsandbytes") from None
     return bitsandbytes
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _bnb_weight(bnb, name: str, module: nn.Module) -> torch.Tensor:

@@ -9,8 +9,8 @@ Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
                  zero point per output row)
   + adapter      16 bytes per trainable parameter: fp32 value, gradient and AdamW's two moments
   + activations  what backward keeps per token and layer, in the base's dtype (decoder transformer: ~10·H + 4·kv +
-                 4·I values; with gradient checkpointing only each layer's input), plus each distinct input of an adapted module
-                 (A's gradient needs it), plus the logits and their loss tensors (~4·V)
+                 4·I values; with gradient checkpointing only each layer's input), plus each distinct input of an
+                 adapted module (A's gradient needs it), plus the logits and their loss tensors (~4·V)
 
 The activation coefficients were calibrated against measured peak RSS (tests/test_plan.py checks the estimate is
 within 25% of a real run).
@@ -93,14 +93,13 @@ def quantized_bytes(out_features: int, in_features: int, fmt: str, compute_bytes
     block of s scales (s: the largest divisor of the block count up to 256) plus their mean and the 16 NF4 levels,
     those in the compute dtype. int8: the int8 codes, and a float32 scale and an int8 zero point per output row.
     """
-    from ..quant import NF4_BLOCK, NF4_SCALER_BLOCK
+    from ..quant import NF4_BLOCK, scaler_block
 
     n = out_features * in_features
     if fmt == "int8":
         return n + out_features * (4 + 1)
     blocks = n // NF4_BLOCK
-    per_factor = max(d for d in range(1, min(NF4_SCALER_BLOCK, blocks) + 1) if blocks % d == 0)
-    return n // 2 + blocks + (blocks // per_factor + 1 + 16) * compute_bytes
+    return n // 2 + blocks + (blocks // scaler_block(blocks) + 1 + 16) * compute_bytes
 
 
 def weight_bytes(model: nn.Module, quantize: str | None = None) -> int:
