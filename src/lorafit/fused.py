@@ -7,8 +7,9 @@ Composed from modules (PEFT, and lorafit's reference path in ``layers.py``), eac
 its dropped input and a float mask (both saved for backward), full-size temporaries for scaling and adding, and, for
 DoRA, the full matrix W0 + s·B·A every step. Here, per layer and step:
 
-* the dropout mask is a pure function of a 62-bit seed (``keep_bits``); backward regenerates it instead of saving
-  it, and saves the input x once (adapters that read the same tensor share it: q/k/v, gate/up);
+* the dropout mask is a pure function of a 62-bit seed (``keep_bits``), drawn once per input in forward and saved as
+  booleans (1 byte per value); over a frozen weight the dropped input x ⊙ keep is saved in place of x (backward
+  needs x only through it); adapters that read the same tensor share both: q/k/v, gate/up;
 * the scales s and 1/(1-p) multiply the rank-r intermediate (N, r), and s·B·(A·drop(x)) is accumulated into the
   base output in place (``addmm_``);
 * DoRA's row norms come from the factorised form (``dora_norm``) with ||W0_i||² computed once, and the base
@@ -16,7 +17,8 @@ DoRA, the full matrix W0 + s·B·A every step. Here, per layer and step:
   saved output) instead of a second matmul.
 
 Dropout masks: ``dropout_seed`` draws the seed from torch's global CPU RNG, which ``torch.utils.checkpoint``
-restores before recomputing, so a recomputed forward regenerates the same mask. With ``SHARE_DROPOUT`` (default on,
+restores before recomputing, so a recomputed forward regenerates the same mask. Backward uses the saved mask:
+drawing it again cost 1 byte per value less memory but 5% of a bfloat16 step. With ``SHARE_DROPOUT`` (default on,
 env ``LORAFIT_SHARE_DROPOUT=0`` turns it off) adapters that read the *same tensor* (q/k/v, gate/up) use one mask,
 computed once; PEFT draws one mask per adapter. The probability is rounded to a multiple of 2⁻¹⁶ (0.05 ->
 0.0500031) and kept units are scaled by 1/(1-p) of that rounded p, so E[drop(x)] = x exactly. The reference path
@@ -111,6 +113,7 @@ def dropout_seed(x: Tensor, p: float) -> int:
         return last["seed"]
     seed = int(torch.randint(0, 1 << 62, ()))
     last.update(ref=weakref.ref(x), version=x._version, p=p, seed=seed)
+    _shared["fwd"].close()  # a new input: an open entry is another tensor's, even if its seed is equal (manual_seed)
     return seed
 
 
@@ -127,7 +130,7 @@ class SeededDropout(nn.Dropout):
 
 class _SharedInput:
     """The dropped input (x ⊙ keep, unscaled) and mask of one seed, kept for the adapters that read the same input and
-    released after the last of them.
+    released after the last of them (backward keeps only what they did not save: DoRA's dropped input).
 
     The adapter that creates an entry (q, gate) learns from the previous step how many adapters follow it on the same
     input (k and v, up), so the entry is dropped right after its last reader; kept longer, the entry of the forward's
@@ -170,13 +173,14 @@ class _SharedInput:
 _shared = {"fwd": _SharedInput(), "bwd": _SharedInput()}
 
 
-def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int) -> tuple[Tensor, Tensor | None]:
-    """(x2 ⊙ keep, keep) for ``seed``, shared by the adapters reading x2; forward gets no mask (it needs none)."""
+def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int,
+             keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x2 ⊙ keep, keep) for ``seed``, shared by the adapters reading x2; backward passes forward's saved mask."""
     _shared["bwd" if phase == "fwd" else "fwd"].close()
 
     def compute():
-        keep = keep_bits(seed, tuple(x2.shape), p, x2.device)  # (N, in), bool
-        return torch.where(keep, x2, 0), (None if phase == "fwd" else keep)  # forward needs no mask
+        mask = keep_bits(seed, tuple(x2.shape), p, x2.device) if keep is None else keep  # (N, in), bool
+        return torch.where(mask, x2, 0), mask
 
     shape = tuple(x2.shape)  # plain ints: comparing torch.Size is slower
     return _shared[phase].get((seed, x2.dtype, shape, x2.device), (owner, shape), compute)
@@ -202,9 +206,17 @@ def dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float, w0_sq: Tensor) -> Tens
 
         ||W0_i + s(BA)_i||² = ||W0_i||² + 2s·(B ⊙ (W0·Aᵀ))_i·1 + s²·((B·(A·Aᵀ)) ⊙ B)_i·1
 
-    Costs one (out, in) x (in, r) product instead of an (out, r) x (r, in) product plus the elementwise norm.
+    Costs one (out, in) x (in, r) product instead of an (out, r) x (r, in) product plus the elementwise norm. A
+    bfloat16 W0 with float32 factors (``BF16_COMPUTE``) takes that product in bfloat16 with float32 accumulation, not
+    a float32 copy of W0 each step: W0·Aᵀ only enters the cross term, and rounds its ~2⁻⁹ into a norm that
+    ||W0_i||² dominates (measured: 2e-7 relative with A, B ~ 0.01, 2e-5 with 0.05; bfloat16's eps is 4e-3).
     """
-    WA = F.linear(W0 if W0.dtype == A.dtype else W0.to(A.dtype), A)  # (out, in) @ (in, r) -> (out, r)
+    if W0.dtype == A.dtype:
+        WA = F.linear(W0, A)  # (out, in) @ (in, r) -> (out, r)
+    elif BF16_COMPUTE and W0.dtype == torch.bfloat16:
+        WA = F.linear(W0, A.to(W0.dtype)).to(A.dtype)
+    else:
+        WA = F.linear(W0.to(A.dtype), A)
     M = torch.addmm(WA, B, A @ A.t(), beta=2 * s, alpha=s * s)  # (out, r): 2s·W0·Aᵀ + s²·B·A·Aᵀ
     return torch.linalg.vecdot(B, M, dim=1).add_(w0_sq).clamp_min_(0).sqrt_()  # (out,)
 
@@ -214,9 +226,10 @@ def dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float, w0_sq: Tensor) -> Tens
 class LoraLinear(torch.autograd.Function):
     """The LoRA (``magnitude`` None) or DoRA linear layer; ``norm`` is DoRA's detached ||W0 + s·B·A||_row.
 
-    Saves x, the rank-r intermediate A·(x ⊙ keep) (N, r) and, for DoRA, the output (which the next op often
-    saves anyway: v, gate, up); never a dropped copy of x nor a mask. The output must not be modified in place
-    before backward (autograd reports it if it is).
+    Saves the rank-r intermediate A·(x ⊙ keep) (N, r), x (with dropout over a frozen weight: x ⊙ keep in its place),
+    the boolean dropout mask and, for DoRA, the output (which the next op often saves anyway: v, gate, up);
+    adapters reading one input save the same tensors. The output must not be modified in place before backward
+    (autograd reports it if it is).
     """
 
     @staticmethod
@@ -228,7 +241,7 @@ class LoraLinear(torch.autograd.Function):
         dora = magnitude is not None
         out = F.linear(x2, W, None if dora else bias)  # (N, out), base dtype
         xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
-        xd = _dropped(xa, seed, p, "fwd", id(weight))[0] if p else xa
+        xd, keep = _dropped(xa, seed, p, "fwd", id(weight)) if p else (xa, None)
         h = F.linear(xd, A)  # (N, in) -> (N, r), unscaled: A·x ⊙ keep
         scale = s * keep_scale(p) if p else s
         if dora:
@@ -242,13 +255,18 @@ class LoraLinear(torch.autograd.Function):
         else:
             out.add_(F.linear(h * scale, B).to(out.dtype))  # half base: the reference path's rounding
         out = out.view(*x.shape[:-1], out.shape[-1])
-        ctx.save_for_backward(x, weight, bias, A, B, h, magnitude, norm, out if dora else None)
-        ctx.s, ctx.p, ctx.seed, ctx.transposed = s, p, seed, transposed
+        # over a frozen weight backward reads x only as x ⊙ keep (DoRA: unless a magnitude is 0, whose rows need
+        # W0·x again): save that instead, the same size when xa is x2
+        dropped_only = keep is not None and xa is x2 and not weight.requires_grad and not (
+            dora and bool((magnitude == 0).any()))
+        ctx.save_for_backward(None if dropped_only else x, weight, bias, A, B, h, magnitude, norm,
+                              out if dora else None, xd if dropped_only else None, keep)
+        ctx.s, ctx.p, ctx.seed, ctx.transposed, ctx.x_shape = s, p, seed, transposed, x.shape
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, weight, bias, A, B, h, magnitude, norm, out = ctx.saved_tensors
+        x, weight, bias, A, B, h, magnitude, norm, out, xd, keep = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         s, p = ctx.s, ctx.p
         scale = s * keep_scale(p) if p else s  # s/(1-p): applied to rank-r tensors only
@@ -271,9 +289,10 @@ class LoraLinear(torch.autograd.Function):
             grad_B = (h.t() @ ga).t().mul_(scale)  # (r, N) @ (N, out) -> (out, r): 2x faster than ga.t() @ h
         if need_A or need_x:
             gh = (ga @ B).mul_(scale)  # (N, out) @ (out, r) -> (N, r)
-            x2 = x.reshape(-1, x.shape[-1])
-            xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
-            xd, keep = _dropped(xa, ctx.seed, p, "bwd", id(weight)) if p else (xa, None)
+            if xd is None:
+                x2 = x.reshape(-1, x.shape[-1])
+                xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+                xd = _dropped(xa, ctx.seed, p, "bwd", id(weight), keep)[0] if p else xa
             if need_A:
                 grad_A = gh.t() @ xd  # (r, N) @ (N, in) -> (r, in)
             del xd
@@ -285,7 +304,7 @@ class LoraLinear(torch.autograd.Function):
                     grad_x = t.addmm_(gw, W)  # (N, out) @ (out, in), accumulated in place
                 else:
                     grad_x = (gw @ W).add_(t.to(W.dtype))
-                grad_x = grad_x.view(x.shape)
+                grad_x = grad_x.view(ctx.x_shape)
         if need_w:
             grad_w = gw.t() @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in) -> (out, in)
             grad_w = grad_w.t() if ctx.transposed else grad_w

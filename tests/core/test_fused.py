@@ -14,6 +14,8 @@ import os
 import gc
 import socket
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
@@ -71,6 +73,23 @@ def test_seed_is_shared_by_the_same_tensor_only(monkeypatch):
     s = fused.dropout_seed(x, 0.1)
     x.add_(1)  # modified in place: a new mask
     assert fused.dropout_seed(x, 0.1) != s
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+def test_reseeded_forwards_on_new_inputs_get_their_own_dropped_input(path, mode):
+    """torch.manual_seed before each forward gives two inputs of one shape the same seed: the second forward must drop
+    its own input, not reuse the first one's (forward only, as in evaluation with dropout on)."""
+    layer = make_layer("linear", mode, 0.3, False)
+    layer.weight.requires_grad_(False)
+    xs = [torch.randn(16, 40), torch.randn(16, 40)]
+    outs = {}
+    for fused_path in (True, False):
+        path(fused_path)
+        for i, x in enumerate(xs):
+            torch.manual_seed(3)
+            outs[fused_path, i] = layer(x.clone()).detach()
+    for i in range(2):
+        torch.testing.assert_close(outs[True, i], outs[False, i], rtol=1e-5, atol=1e-5)
 
 
 # --- DoRA norm ------------------------------------------------------------------------------------------------
@@ -146,8 +165,10 @@ def test_trainable_weight_gets_its_gradient(path, mode):
     close_to_scale(got["weight"], want["weight"], rtol=RTOL)  # relative to the gradient's largest |value|
 
 
-def test_zero_magnitude_rows_get_their_gradient(path):
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained-weight", "frozen-weight"])
+def test_zero_magnitude_rows_get_their_gradient(path, frozen):
     layer = make_layer("linear", "dora", 0.1, True)
+    layer.weight.requires_grad_(not frozen)  # frozen: x ⊙ keep would be saved in place of x, but these rows need x
     with torch.no_grad():
         layer.lora_magnitude[[1, 5]] = 0.0
     x = torch.randn(6, 40)
@@ -169,31 +190,41 @@ def test_eval_mode_uses_the_reference_path(path):
 
 
 @pytest.mark.parametrize("mode", ["lora", "dora"])
-def test_fused_saves_no_dropout_copies(path, mode):
-    """Saved for backward: the reference keeps drop(x) and a mask per layer, the fused path x and (N, r)."""
+def test_fused_saves_one_input_and_a_boolean_mask(path, mode):
+    """Saved for backward over a frozen weight: the fused path keeps the (N, r) intermediate, the boolean mask and one
+    input, x ⊙ keep in place of x (or x itself, for DoRA with a zero magnitude). A single LoRA layer saves what the
+    reference saves (x's dropped copy and a mask); q/k/v and gate/up share theirs (next test), where the reference
+    saves one per adapter."""
     layer = make_layer("linear", mode, 0.1, False)
+    layer.weight.requires_grad_(False)
     x = torch.randn(64, 40, requires_grad=True)
 
-    def saved_bytes():
+    def saved():
         seen = {}
 
         def pack(t):
-            seen[(t.data_ptr(), t.dtype)] = t.numel() * t.element_size()
+            seen[(t.data_ptr(), t.dtype)] = t
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = layer(x)
         params = {(p.data_ptr(), p.dtype) for p in layer.parameters()}
-        return sum(b for k, b in seen.items() if k not in params and k != (x.data_ptr(), x.dtype)), out
+        return {k: t for k, t in seen.items() if k not in params}, out
 
     path(False)
-    ref, _ = saved_bytes()
+    ref, _ = saved()
     path(True)
-    got, out = saved_bytes()
-    rank_r = 64 * 8 * 4 + 2 * 24 * 4  # (N, r) intermediate, and DoRA's (out,) norm
-    dora_out = out.numel() * out.element_size() if mode == "dora" else 0  # the output itself (shared with next op)
-    assert got <= rank_r + dora_out
-    assert ref >= x.numel() * (4 + 1)  # drop(x) and its (bool) mask
+    got, out = saved()
+    kinds = Counter((tuple(t.shape), str(t.dtype)) for t in got.values())
+    want = Counter({((64, 8), "torch.float32"): 1, ((64, 40), "torch.bool"): 1,  # A·(x ⊙ keep), the mask
+                    ((64, 40), "torch.float32"): 1})  # x ⊙ keep
+    if mode == "dora":
+        want.update({((24,), "torch.float32"): 1, ((64, 24), "torch.float32"): 1})  # the norm, the output
+    assert kinds == want
+    assert (x.data_ptr(), x.dtype) not in got  # x ⊙ keep instead of x, never both
+    nbytes = lambda d: sum(t.numel() * t.element_size() for t in d.values())  # noqa: E731
+    dora_out = out.numel() * out.element_size() if mode == "dora" else 0  # the output (the next op often saves it)
+    assert nbytes(got) - dora_out <= nbytes(ref)
 
 
 def test_half_base_is_close_to_reference(path):
@@ -299,8 +330,9 @@ def test_shared_masks_are_switchable_and_equal_in_both_paths(path, monkeypatch, 
 
 
 def test_shared_input_is_computed_once_and_released(path, monkeypatch):
-    """From the second step on, one mask per distinct input (q/k/v, o, gate/up, down) in each pass, and no dropped
-    input outlives its last reader (the forward's would otherwise sit on the peak at the start of backward)."""
+    """From the second step on, one mask per distinct input (q/k/v, o, gate/up, down), drawn in forward only
+    (backward uses the saved mask), and no dropped input outlives its last reader (the forward's would otherwise sit
+    on the peak at the start of backward)."""
     path(True)
     calls = []
     make = fused.keep_bits
@@ -311,7 +343,7 @@ def test_shared_input_is_computed_once_and_released(path, monkeypatch):
         loss = model(**IDS, labels=IDS["input_ids"]).loss
         forward, released = len(calls), fused._shared["fwd"].entry is None
         loss.backward()
-    assert forward == 4 * 2 and len(calls) == 2 * forward and released and fused._shared["bwd"].entry is None
+    assert forward == 4 * 2 and len(calls) == forward and released and fused._shared["bwd"].entry is None
 
 
 # --- torch.compile and DDP ------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
   + adapter      16 bytes per trainable parameter: fp32 value, gradient and AdamW's two moments
   + activations  what backward keeps per token and layer, in the base's dtype (decoder transformer: ~10·H + 4·kv +
                  4·I values; with gradient checkpointing only each layer's input), plus each distinct input of an
-                 adapted module (A's gradient needs it), plus the logits and their loss tensors (~4·V)
+                 adapted module (A's gradient needs it; with dropout, its boolean mask too: 1 more byte per
+                 value), plus the logits and their loss tensors (~4·V)
 
 The activation coefficients were calibrated against measured peak RSS (tests/test_plan.py checks the estimate is
 within 25% of a real run).
@@ -116,8 +117,9 @@ def weight_bytes(model: nn.Module, quantize: str | None = None) -> int:
 
 def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_length: int,
                     gradient_checkpointing: bool = False, runtime: int | None = None,
-                    adapter_inputs: int = 0, quantize: str | None = None) -> MemoryEstimate:
-    """Peak training memory, by parts (see the module docstring); ``quantize``: the base's nf4/int8 linears."""
+                    adapter_inputs: int = 0, quantize: str | None = None, dropout: float = 0.0) -> MemoryEstimate:
+    """Peak training memory, by parts (see the module docstring); ``quantize``: the base's nf4/int8 linears;
+    ``dropout`` > 0 adds the saved boolean mask of each adapted input (1 byte per value)."""
     cfg = getattr(model, "config", None)
     get = lambda *names, default=0: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa
     hidden = get("hidden_size", "n_embd", "d_model")
@@ -135,7 +137,7 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
         runtime=(runtime if runtime is not None else current_rss()) + TOKENIZER_AND_DATA,
         weights=weight_bytes(model, quantize),
         adapter=16 * n_adapter,
-        activations=tokens * (layers * per_token_layer + per_token_adapters) * act_bytes,
+        activations=tokens * (layers * per_token_layer * act_bytes + per_token_adapters * (act_bytes + (dropout > 0))),
         logits=4 * tokens * vocab * 4,
     )
 
@@ -150,7 +152,8 @@ def plan(model: nn.Module, cfg: LoraConfig, *, batch_size: int = 8, max_length: 
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     mem = estimate_memory(model, n_adapter, batch_size=batch_size, max_length=max_length,
                           gradient_checkpointing=gradient_checkpointing, runtime=runtime,
-                          adapter_inputs=adapted_inputs(model, targets), quantize=quantize)
+                          adapter_inputs=adapted_inputs(model, targets), quantize=quantize,
+                          dropout=cfg.lora_dropout)
     return {"targets": targets, "per_module": per_module, "trainable": n_adapter, "total": total,
             "file_bytes": 4 * n_adapter + 200 * len(targets), "memory": mem,
             "quantized": len(quantized_linears(model, quantize)) if quantize else 0}

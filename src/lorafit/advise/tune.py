@@ -219,7 +219,7 @@ def cost(ctx: Context, lora: LoraConfig, settings: dict) -> tuple[int, int]:
     mem = estimate_memory(ctx.meta, n, batch_size=settings.get("batch_size", 8),
                           max_length=settings.get("max_length", 256),
                           gradient_checkpointing=settings.get("gradient_checkpointing", False), runtime=ctx.runtime,
-                          adapter_inputs=adapted_inputs(ctx.meta, targets))
+                          adapter_inputs=adapted_inputs(ctx.meta, targets), dropout=lora.lora_dropout)
     return n, mem.total
 
 
