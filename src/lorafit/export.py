@@ -235,10 +235,11 @@ def problems(adapter: Union[str, Path], target: str, *, model: Union[str, Path, 
     """One line per thing ``target`` ("peft", "transformers", "vllm", "llama.cpp") cannot load from the adapter
     folder; [] when it loads. AdapterError for a broken folder, DataError for an unusable ``model``.
 
-    PEFT (and transformers' ``load_adapter``, which is PEFT) loads everything lorafit writes; ``read`` already
-    refuses what it cannot (incomplete factor pairs, bad tensors). vLLM: no DoRA, biases, modules_to_save, PiSSA or
-    OLoRA residual bases, embedding or conv LoRA, or ranks above ``max_lora_rank``. llama.cpp: the same plain-LoRA
-    rules, llama-family module names, and with ``model`` its architecture and every module's shape.
+    PEFT loads everything lorafit writes; ``read`` already refuses what it cannot (incomplete factor pairs, bad
+    tensors). transformers' ``load_adapter`` (PEFT underneath) loads all of it but DoRA's magnitudes. vLLM: no
+    DoRA, biases, modules_to_save, PiSSA or OLoRA residual bases, embedding or conv LoRA, or ranks above
+    ``max_lora_rank``. llama.cpp: the same plain-LoRA rules, llama-family module names, and with ``model`` its
+    architecture and every module's shape.
     """
     if target not in TARGETS:
         raise DataError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
@@ -250,6 +251,10 @@ def problems(adapter: Union[str, Path], target: str, *, model: Union[str, Path, 
         return _llamacpp_reasons(ad, hf, model)
     if ad.raw.get("peft_type") != "LORA":
         return [f"adapter_config.json: peft_type={ad.raw.get('peft_type')!r}; PEFT's loader needs 'LORA' there"]
+    if target == "transformers" and ad.config.use_dora:
+        return ["DoRA magnitudes: transformers 5's load_adapter (tested: 5.24 with PEFT 0.21.2) matches none of the "
+                "file's lora_magnitude_vector keys and leaves the magnitudes at their init; load with "
+                "lorafit.trainer.load_adapter(model, folder), which passes them keyed as it expects"]
     return []
 
 

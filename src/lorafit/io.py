@@ -182,6 +182,20 @@ def read_adapter(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, Tensor]]
     return config, tensors
 
 
+def transformers_tensors(path: Union[str, Path]) -> dict[str, Tensor]:
+    """An adapter folder's tensors (``read_adapter``'s checks) keyed for transformers 5's
+    ``PreTrainedModel.load_adapter(path, adapter_state_dict=...)``: PEFT's file keys, DoRA magnitudes as
+    ``lora_magnitude_vector.weight``.
+
+    PEFT writes a magnitude as ``<module>.lora_magnitude_vector`` and its own loader adds back the ``.weight`` of the
+    module holding it; the renaming transformers' ``load_adapter`` uses (PEFT's ``build_peft_weight_mapping``, PEFT
+    0.21.2 with transformers 5.24) inserts the adapter name only, so a file's magnitudes match nothing and stay at
+    their init, silently. With ``.weight`` on the key that renaming gives the module's own name.
+    """
+    _, tensors = read_adapter(path)
+    return {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: t for k, t in tensors.items()}
+
+
 _FACTOR_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
                     (".lora_embedding_B", "B"), (".lora_magnitude_vector", "m"))
 

@@ -9,6 +9,9 @@
     trainer.train(resume_from_checkpoint=True)
     trainer.save_model()       # the adapter (+ tokenizer, training_args.bin) in args.output_dir
 
+    hf_model.load_adapter(folder)                    # transformers' PEFT integration: LoRA, RSLoRA, patterns
+    load_adapter(hf_model, folder)                   # the same, DoRA included (see ``load_adapter``)
+
 Why a function on the trainer and not a callback: Trainer writes the weights in ``_save`` (called by ``save_model``
 and so by every checkpoint) and reads them in ``_load_from_checkpoint`` (resume) and ``_load_best_model``; the only
 model it saves and loads as an adapter there is a ``peft.PeftModel`` (``_is_peft_model``). A callback sees none of
@@ -32,7 +35,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterError
-from .io import adapter_config_dict, adapter_parameters, adapter_state_dict, read_adapter, write_adapter
+from .io import (adapter_config_dict, adapter_parameters, adapter_state_dict, read_adapter, transformers_tensors,
+                 write_adapter)
 from .model import has_adapter, state_of
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
@@ -121,3 +125,20 @@ def restore_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
         for key, p in by_key.items():
             p.copy_(tensors[key])  # casts to the parameter's dtype and device
     return model
+
+
+def load_adapter(model: nn.Module, folder: Union[str, Path], *, adapter_name: str | None = None, **kwargs):
+    """``model.load_adapter(folder)`` (a transformers ``PreTrainedModel``, through its PEFT integration) for any
+    lorafit or PEFT adapter folder, DoRA included: the file's tensors are passed as ``adapter_state_dict`` with the
+    magnitude keys that transformers 5's renaming maps correctly (``io.transformers_tensors``); a plain
+    ``load_adapter`` leaves DoRA magnitudes at their init. Returns transformers' loading info; AdapterError when a
+    key of the file is left unloaded or a model parameter of the adapter is left missing.
+    """
+    info = model.load_adapter(str(folder), adapter_name=adapter_name, adapter_state_dict=transformers_tensors(folder),
+                              **kwargs)
+    missing = sorted(getattr(info, "missing_keys", ()))
+    unexpected = sorted(getattr(info, "unexpected_keys", ()))
+    if missing or unexpected:
+        raise AdapterError(f"transformers' load_adapter left {folder} partly unloaded: missing "
+                           f"{missing[:3] or 'none'}, unexpected {unexpected[:3] or 'none'}")
+    return info

@@ -286,9 +286,12 @@ def test_check_refuses(case, target, needle, refused, capsys):
 
 
 def test_check_loads(refused, adapters, model_dir, capsys):
-    for target in ("peft", "transformers"):
-        code, out, _ = run_cli(capsys, "check", refused["dora"], "--for", target)
-        assert code == 0 and "loads in" in out
+    code, out, _ = run_cli(capsys, "check", refused["dora"], "--for", "peft")
+    assert code == 0 and "loads in" in out
+    code, out, _ = run_cli(capsys, "check", refused["dora"], "--for", "transformers")  # plain load_adapter: no
+    assert code == 1 and "DoRA magnitudes" in out and "lorafit.trainer.load_adapter" in out
+    code, out, _ = run_cli(capsys, "check", refused["rank"], "--for", "transformers")
+    assert code == 0 and "loads in" in out
     assert run_cli(capsys, "check", refused["rank"], "--for", "vllm", "--max-lora-rank", "32")[0] == 0
     assert run_cli(capsys, "check", refused["embedding"], "--for", "llama.cpp", "--model", model_dir)[0] == 0
     assert run_cli(capsys, "check", adapters["patterns"][0], "--for", "vllm")[0] == 0

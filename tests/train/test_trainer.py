@@ -9,6 +9,7 @@ uninterrupted one on one process (the same batches, RNG states, optimizer state)
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -18,7 +19,7 @@ import lorafit
 from helpers import close, close_to_scale, make_model_dir, make_tokenizer, perturb_trainable
 from lorafit.errors import AdapterError
 from lorafit.io import adapter_state_dict
-from lorafit.trainer import adapter_checkpoints, restore_adapter
+from lorafit.trainer import adapter_checkpoints, load_adapter, restore_adapter
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -40,7 +41,8 @@ def logits(model, ids=IDS):
 DORA_UPSTREAM = ("transformers 5's load_adapter renames file keys with PEFT's build_peft_weight_mapping, which maps "
                  "the on-disk `lora_magnitude_vector` to `lora_magnitude_vector.default` instead of "
                  "`...default.weight` (PeftModel's own loader adds the `.weight`): DoRA magnitudes are reported "
-                 "UNEXPECTED/MISSING and left at their init. Adapters saved by PEFT itself fail the same way.")
+                 "UNEXPECTED/MISSING and left at their init. Adapters saved by PEFT itself fail the same way; "
+                 "lorafit.trainer.load_adapter works around it (next test).")
 
 LOAD_ADAPTER_CASES = {
     "lora": dict(target_modules="all-linear"),
@@ -69,6 +71,42 @@ def test_transformers_load_adapter_reads_lorafit_folders(case, llama_dir, tmp_pa
     hf = AutoModelForCausalLM.from_pretrained(llama_dir)
     hf.load_adapter(str(tmp_path / "adapter"))
     close_to_scale(logits(hf), logits(model), rtol=RTOL, msg=f"load_adapter {case} vs lorafit")
+
+
+@pytest.mark.parametrize("case", list(LOAD_ADAPTER_CASES))
+def test_lorafit_load_adapter_reads_every_variant_into_transformers(case, llama_dir, tmp_path):
+    """``lorafit.trainer.load_adapter(hf_model, folder)``: transformers' own load_adapter, given the file's tensors
+    with the magnitude keys its renaming maps (the workaround for the DoRA case above); PEFT's own DoRA folder too."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = lorafit.LoraConfig(**LOAD_ADAPTER_CASES[case])
+    model = lorafit.attach(AutoModelForCausalLM.from_pretrained(llama_dir), cfg)
+    perturb_trainable(model)
+    lorafit.save(model, tmp_path / "adapter")
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    info = load_adapter(hf, tmp_path / "adapter")
+    assert not info.missing_keys and not info.unexpected_keys
+    close_to_scale(logits(hf), logits(model), rtol=RTOL, msg=f"load_adapter {case} vs lorafit")
+    if case == "dora":  # PEFT's own file of the same adapter
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter")
+        peft_model.save_pretrained(tmp_path / "peft")
+        hf2 = AutoModelForCausalLM.from_pretrained(llama_dir)
+        load_adapter(hf2, tmp_path / "peft")
+        close_to_scale(logits(hf2), logits(model), rtol=RTOL, msg="load_adapter of PEFT's DoRA folder")
+
+
+def test_lorafit_load_adapter_names_what_it_left_unloaded(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = lorafit.attach(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           lorafit.LoraConfig(target_modules=["q_proj"]))
+    lorafit.save(model, tmp_path / "adapter")
+    cfg_file = tmp_path / "adapter" / "adapter_config.json"
+    raw = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**raw, "target_modules": ["q_proj", "v_proj"]}))  # v_proj has no tensors
+    with pytest.raises(AdapterError, match="partly unloaded: missing"):
+        load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter")
 
 
 # --- Trainer and SFTTrainer ---------------------------------------------------------------------------------
