@@ -3,6 +3,7 @@ the difference more than seed noise?
 
     python benchmarks/guidance.py --output runs/guidance                 # 40 trials x 60 steps, 3 seeds (hours)
     python benchmarks/guidance.py --output runs/guidance --trials 10 --seeds 3      # what docs/guidance.md shows
+    python benchmarks/guidance.py --output runs/guidance-chat --trials 8 --config chat.yaml   # another task
 
 On the embedded task (SmolLM2-135M-Instruct, movie-review sentiment; the `lorafit train` demo job's data and
 settings): (1) `lorafit tune`, timed; (2) the suggested and the probed configurations (the study's trials 0 and 1)
@@ -74,11 +75,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--no-grid", action="store_true", help="skip the uniform grid")
+    p.add_argument("--config", type=Path, help="training settings YAML of another task (model, data, max_length, "
+                   "...), given to tune, whose trials carry them to every run (default: the embedded task)")
     args = p.parse_args()
     study_dir = args.output / "tune"
     t0 = time.perf_counter()
     sh("tune", "--trials", args.trials, "--steps", args.steps, "--seeds", 1, "--output", study_dir,
-       "--sampler-seed", 0)
+       "--sampler-seed", 0, *(("--config", args.config) if args.config else ()))
     tune_s = time.perf_counter() - t0
 
     import optuna
