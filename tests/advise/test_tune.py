@@ -170,8 +170,8 @@ def _wait_for(predicate, timeout: float = 240.0) -> None:
         time.sleep(0.1)
 
 
-def _tune_process(files, out, trials, log: Path) -> subprocess.Popen:
-    argv = [str(a) for a in tune_argv(files, out, trials, "--space", files[2], "--heartbeat", "1")]
+def _tune_process(files, out, trials, log: Path, *extra) -> subprocess.Popen:
+    argv = [str(a) for a in tune_argv(files, out, trials, "--space", files[2], "--heartbeat", "1", *extra)]
     return subprocess.Popen([sys.executable, "-m", "lorafit", *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -198,9 +198,11 @@ def test_a_killed_study_resumes_and_reruns_the_interrupted_trial_only(files, tmp
     assert sorted(t.number for t in done) == [0, 2, 3]
 
 
-def test_two_workers_on_one_sqlite_file_share_the_trials(files, tmp_path):
+def test_two_workers_on_one_sqlite_file_share_the_trials_and_the_seeded_reruns(files, tmp_path):
     out = tmp_path / "shared"
-    workers = [_tune_process(files, out, 4, tmp_path / f"w{i}.log") for i in range(2)]
+    # a 5 s heartbeat: no trial is taken over because a busy machine delayed its worker's heartbeat
+    workers = [_tune_process(files, out, 4, tmp_path / f"w{i}.log", "--seeds", "2", "--heartbeat", "5")
+               for i in range(2)]
     for w in workers:
         assert w.wait(timeout=600) == 0, (tmp_path / "w0.log").read_text()[-2000:]
     study = load(out)
@@ -209,6 +211,17 @@ def test_two_workers_on_one_sqlite_file_share_the_trials(files, tmp_path):
     ran = [{int(line.split("]")[0].split()[-1]) for line in log.splitlines() if line.startswith("[trial ")}
            for log in logs]
     assert not ran[0] & ran[1] and ran[0] | ran[1] == {0, 1, 2, 3}
+    # the top 3 (of the complete trials) re-trained with seed 1: each once, by one of the two workers
+    top = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)[:3]
+    trained = [line.split(": training")[0] for log in logs for line in log.splitlines()
+               if line.startswith("[seeds]") and line.endswith(": training")]
+    reruns = load(out, "lorafit:seeds").trials
+    assert top and len(trained) == len(set(trained)) == len(reruns) == len(top)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in reruns)
+    assert sorted(t.user_attrs["source"] for t in reruns) == sorted(t.number for t in top)
+    with (out / "results.csv").open() as f:  # the last worker's report holds every re-run, its own or not
+        rows = {int(r["trial"]): r for r in csv.DictReader(f)}
+    assert all(rows[t.number]["seeds"] == "2" and rows[t.number]["std"] for t in top)
 
 
 def test_tune_without_optuna_says_what_to_install_before_any_work(files, tmp_path):

@@ -273,6 +273,7 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
                                  "eval_every": max(1, steps // 4), "save_every": 0, "lora": lora.to_dict()})
     (folder / "trial.json").write_text(json.dumps(cfg.to_dict()))
     trial.set_user_attr("folder", str(folder))
+    trial.set_user_attr("config", cfg.to_dict())  # for the seeded re-runs, which may run on another machine
 
     def on_eval(step: int, loss: float) -> bool:
         if not math.isfinite(loss) or step >= steps:
@@ -312,7 +313,10 @@ def work(job: TuneJob, ctx: Context, study, storage, say: Callable[[str], None])
                 return
             time.sleep(1.0)  # another worker's trial runs, or a killed worker's is not yet stale
             continue
-        text = run_one(job, ctx, study, storage, trial)
+        try:
+            text = run_one(job, ctx, study, storage, trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # our heartbeat came late: another worker failed it
+            text = "taken over (its heartbeat was late, so it was enqueued again); this result is dropped"
         c = counts(study)
         try:
             best = study.best_trial
@@ -438,5 +442,5 @@ def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
     storage = storage or open_storage(job.url, heartbeat=job.heartbeat)
     study = open_study(job, storage, first, say)
     work(job, ctx, study, storage, say)
-    seeds = seeded_reruns(job, study, say) if job.seeds > 1 else {}
+    seeds = seeded_reruns(job, study, storage, say) if job.seeds > 1 else {}
     return report(job, study, seeds, say)
