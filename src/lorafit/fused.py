@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tensors import dense, is_quantized
+from .tensors import dense, is_quantized, linear_dequantizes
 
 SHARE_DROPOUT = os.environ.get("LORAFIT_SHARE_DROPOUT", "1") != "0"
 # bfloat16 bases (and autocast to bfloat16): the adapter's products run in bfloat16 too, its master weights and
@@ -235,8 +235,8 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                 magnitude: Tensor | None, norm: Tensor | None, s: float, p: float, seed: int,
-                transposed: bool) -> Tensor:
-        W = weight.t() if transposed else weight  # (out, in)
+                transposed: bool, W0: Tensor | None = None) -> Tensor:
+        W = (weight.t() if transposed else weight) if W0 is None else W0  # (out, in); W0: DoRA's dequantized copy
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         dora = magnitude is not None
         out = F.linear(x2, W, None if dora else bias)  # (N, out), base dtype
@@ -271,7 +271,7 @@ class LoraLinear(torch.autograd.Function):
         s, p = ctx.s, ctx.p
         scale = s * keep_scale(p) if p else s  # s/(1-p): applied to rank-r tensors only
         W = weight.t() if ctx.transposed else weight  # (out, in)
-        if (need_x or magnitude is not None) and is_quantized(W):
+        if need_x and is_quantized(W):
             W = dense(W)  # this layer's values only, freed when backward leaves the layer
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
@@ -308,7 +308,7 @@ class LoraLinear(torch.autograd.Function):
         if need_w:
             grad_w = gw.t() @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in) -> (out, in)
             grad_w = grad_w.t() if ctx.transposed else grad_w
-        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None, None
 
 
 def _magnitude_grad(g: Tensor, out: Tensor, x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, h: Tensor,
@@ -323,7 +323,7 @@ def _magnitude_grad(g: Tensor, out: Tensor, x: Tensor, W: Tensor, bias: Tensor |
     if zero.any():
         rows = zero.nonzero().squeeze(1)
         x2 = x.reshape(-1, x.shape[-1])
-        y_rows = F.linear(x2, W[rows]).to(h.dtype).addmm_(h, B[rows].t(), alpha=scale)  # (N, k)
+        y_rows = F.linear(x2, dense(W)[rows]).to(h.dtype).addmm_(h, B[rows].t(), alpha=scale)  # (N, k)
         grad[rows] = torch.linalg.vecdot(g[:, rows], y_rows, dim=0) / norm[rows]
     return grad
 
@@ -363,16 +363,18 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
             else:
                 weight = weight.to(dt)
             x, bias = x.to(dt), None if bias is None else bias.to(dt)
-        norm = None
+        norm = W0 = None
         if magnitude is not None:  # a quantized W0 is dequantized for the norm (one layer at a time)
-            norm = dora_norm(dense(weight.t() if transposed else weight), A, B, s, w0_sq)  # (out,), in A's dtype
-        return _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed)
+            W0 = dense(weight.t() if transposed else weight)  # (out, in)
+            norm = dora_norm(W0, A, B, s, w0_sq)  # (out,), in A's dtype
+            W0 = W0 if W0 is not weight and linear_dequantizes(weight) else None  # NF4: forward reuses it
+        return _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0)
 
 
-def _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed):
+def _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0=None):
     if BF16_COMPUTE and weight.dtype == torch.bfloat16 and A.dtype == torch.float32:
         # differentiable casts: backward brings the bfloat16 gradients back to the float32 master weights
         A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
         if magnitude is not None:
             magnitude, norm = magnitude.to(torch.bfloat16), norm.to(torch.bfloat16)
-    return LoraLinear.apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed)
+    return LoraLinear.apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0)

@@ -34,6 +34,12 @@ def dense(weight: Tensor) -> Tensor:
     return original() if original is not None else weight.dequantize()
 
 
+def linear_dequantizes(weight: Tensor) -> bool:
+    """Whether ``F.linear`` over ``weight`` is its dequantized values times the input (torchao's NF4Tensor), so that
+    a dense copy already made gives the same product; int8's kernel multiplies the codes itself."""
+    return hasattr(type(weight), "get_original_weight")
+
+
 def is_packed(weight: Tensor) -> bool:
     """Whether ``weight`` is bitsandbytes' packed storage (Params4bit with its ``quant_state``, Int8Params with its
     scales ``SCB``), which only the owning module can compute with; neither attribute is set before quantization."""

@@ -114,6 +114,28 @@ def test_fused_training_over_quantized_weights_equals_the_dequantized_float_base
         torch.testing.assert_close(grads[0][n], grads[1][n], **tol, msg=n)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_nf4_is_dequantized_once_per_layer_in_forward(use_dora, monkeypatch):
+    """DoRA's norm and the base product share one dequantized copy of each NF4 weight (F.linear over NF4 is that
+    copy times x, so the output is the same); backward dequantizes each layer once more for the input gradient
+    (not layer 0's q/k/v: the embeddings are frozen, so their input needs no gradient). From the second step on: the
+    first also computes DoRA's ||W0||² once."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    model, names = quantized("nf4")
+    lorafit.attach(model, cfg(use_dora))
+    model.train()
+    x = ids(5)
+    model(x, labels=x).loss.backward()
+    calls = []
+    real = NF4Tensor.get_original_weight
+    monkeypatch.setattr(NF4Tensor, "get_original_weight", lambda self: calls.append(1) or real(self))
+    loss = model(x, labels=x).loss
+    assert len(calls) == len(names)  # one per quantized layer, LoRA and DoRA alike
+    loss.backward()
+    assert len(calls) == 2 * len(names) - 3
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_trained_adapter_is_peft_format_and_loads_in_peft_on_the_dequantized_base(fmt, use_dora, tmp_path):
