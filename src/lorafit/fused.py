@@ -256,9 +256,10 @@ class LoraLinear(torch.autograd.Function):
             out.add_(F.linear(h * scale, B).to(out.dtype))  # half base: the reference path's rounding
         out = out.view(*x.shape[:-1], out.shape[-1])
         # over a frozen weight backward reads x only as x ⊙ keep (DoRA: unless a magnitude is 0, whose rows need
-        # W0·x again): save that instead, the same size when xa is x2
+        # W0·x again; checked on the CPU only, where it costs no device sync): save that instead, the same size when
+        # xa is x2
         dropped_only = keep is not None and xa is x2 and not weight.requires_grad and not (
-            dora and bool((magnitude == 0).any()))
+            dora and (x.device.type != "cpu" or bool((magnitude == 0).any())))
         ctx.save_for_backward(None if dropped_only else x, weight, bias, A, B, h, magnitude, norm,
                               out if dora else None, xd if dropped_only else None, keep)
         ctx.s, ctx.p, ctx.seed, ctx.transposed, ctx.x_shape = s, p, seed, transposed, x.shape
