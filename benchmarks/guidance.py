@@ -28,14 +28,38 @@ def sh(*argv) -> None:
     subprocess.run([sys.executable, "-m", "lorafit", *map(str, argv)], check=True)
 
 
-def retrain(cfg: dict, out: Path, seeds: int) -> list[dict]:
-    """Train ``cfg`` (a train config mapping) with seeds 0..K-1 in out/seed<s>; the finished runs' eval dicts."""
+def _key(cfg: dict) -> str:
+    """A training config as train reads it (defaults filled in, 16.0 == 16), to find runs of the same
+    configuration."""
+    from lorafit.train.config import TrainConfig
+
+    def canon(v):
+        if isinstance(v, dict):
+            return {k: canon(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [canon(x) for x in v]
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    d = {k: v for k, v in TrainConfig.from_dict(cfg).to_dict().items() if k != "output"}
+    return json.dumps(canon(d), sort_keys=True, default=str)
+
+
+TRAINED: dict[str, Path] = {}  # config key -> the finished run's trainer_state.json, shared by identical rows
+
+
+def retrain(cfg: dict, out: Path, seeds: int) -> tuple[list[dict], dict]:
+    """Train ``cfg`` (a train config mapping) with seeds 0..K-1 in out/seed<s>; the finished runs' eval dicts and
+    seed 0's trainer state. A seed already trained with the identical configuration by another row is read back,
+    not trained again (suggest's pick is also a grid point; tune's best may be suggest's or probe's)."""
     import yaml
 
-    results = []
+    results, first = [], None
     for s in range(seeds):
         run = out / f"seed{s}"
         state = run / "trainer_state.json"
+        key = _key({**cfg, "seed": s})
+        if not state.is_file() and key in TRAINED:
+            state = TRAINED[key]
         if not state.is_file():
             out.mkdir(parents=True, exist_ok=True)
             cfg_file = out / f"seed{s}.yaml"
@@ -44,8 +68,11 @@ def retrain(cfg: dict, out: Path, seeds: int) -> list[dict]:
                 sh("train", "--resume", run, "--quiet")
             else:
                 sh("train", "--config", cfg_file, "--output", run, "--quiet")
-        results.append(json.loads(state.read_text())["after"])
-    return results
+        TRAINED.setdefault(key, state)
+        summary = json.loads(state.read_text())
+        first = first or summary
+        results.append(summary["after"])
+    return results, first
 
 
 def summary(values: list[float]) -> str:
@@ -101,8 +128,7 @@ def main() -> None:
     lines, zero = list(header), None
     for name, cfg in configs.items():
         folder = args.output / name.split()[0]
-        results = retrain(cfg, folder, args.seeds)
-        state = json.loads((folder / "seed0" / "trainer_state.json").read_text())
+        results, state = retrain(cfg, folder, args.seeds)
         zero = zero or state.get("before")
         lines.append(row(name, cfg, results, state["trainable"], args.seeds))
     grid_s = None
@@ -114,8 +140,7 @@ def main() -> None:
                                     "target_modules": lora["target_modules"], "rank_pattern": {},
                                     "use_dora": lora.get("use_dora", False), "use_rslora": False}}
             folder = args.output / ("grid-" + name.replace(" ", "_").replace(",", "").replace("=", ""))
-            results = retrain(cfg, folder, args.seeds)
-            state = json.loads((folder / "seed0" / "trainer_state.json").read_text())
+            results, state = retrain(cfg, folder, args.seeds)
             lines.append(row(f"grid {name}", cfg, results, state["trainable"], args.seeds))
         grid_s = time.perf_counter() - t0
     if zero:
