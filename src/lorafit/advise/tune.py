@@ -328,6 +328,91 @@ def work(job: TuneJob, ctx: Context, study, storage, say: Callable[[str], None])
             f": {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed | {best_text}")
 
 
+# --- seeded re-runs of the top configurations ------------------------------------------------------------
+
+def seeded_reruns(job, study, storage, say: Callable[[str], None] = print) -> dict[int, list[float]]:
+    """{trial number: eval losses with seeds seed, seed+1, ...} of the top 3 complete trials, K values each.
+
+    The re-runs are the trials of a second study in the same storage, ``<study>:seeds``, one per (configuration,
+    seed), enqueued by the worker that creates it. Every worker takes them as it takes the study's trials, so none is
+    trained twice; a killed worker's re-run loses its heartbeat and is enqueued again. Each trains in the taking
+    worker's ``OUTPUT/seeds/<trial>-seed<s>-<re-run>/`` from the configuration the trial stored in the study; the
+    losses come back through the storage, so every worker reports all of them.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from .tune_report import TOP
+
+    top = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:TOP]
+    base = job.settings.get("seed", 0)
+    wanted = [(t.number, s) for t in top for s in range(base + 1, base + job.seeds)]
+    reruns = _seeds_study(job, storage, wanted)
+    while True:
+        optuna.storages.fail_stale_trials(reruns)  # a killed worker's re-run: FAIL, and enqueued again
+        trial = take_waiting(reruns, storage)
+        if trial is not None:
+            try:
+                _rerun(job, study, storage, trial, say)
+            except optuna.exceptions.UpdateFinishedTrialError:  # our heartbeat came late: enqueued again
+                say(f"[seeds] re-run {trial.number} was taken over (its heartbeat was late); its result is dropped")
+        elif reruns.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            time.sleep(1.0)  # another worker's re-run is training
+        else:
+            break
+    got: dict[tuple[int, int], float] = {}
+    for t in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        got.setdefault((t.user_attrs["source"], t.user_attrs["seed"]), t.value)
+    return {t.number: [t.value] + [got[(t.number, s)] for n, s in wanted if n == t.number and (n, s) in got]
+            for t in top}
+
+
+def _seeds_study(job, storage, wanted: list[tuple[int, int]]):
+    """The re-runs' study: created with ``wanted`` enqueued, or loaded, with what a rerun asks for beyond it (more
+    --seeds, a new top 3) enqueued."""
+    import optuna
+
+    name = f"{job.study}:seeds"
+    try:
+        reruns = optuna.create_study(direction="minimize", storage=storage, study_name=name)
+        have: set = set()
+    except optuna.exceptions.DuplicatedStudyError:
+        reruns = optuna.load_study(study_name=name, storage=storage)
+        deadline = time.time() + 30
+        while "enqueued" not in reruns.user_attrs and time.time() < deadline:  # its creator is still enqueuing
+            time.sleep(0.2)
+        have = {(t.user_attrs.get("source"), t.user_attrs.get("seed")) for t in reruns.get_trials(deepcopy=False)}
+    for source, seed in wanted:
+        if (source, seed) not in have:
+            reruns.enqueue_trial({}, user_attrs={"source": source, "seed": seed})
+    reruns.set_user_attr("enqueued", True)
+    return reruns
+
+
+def _rerun(job, study, storage, trial, say: Callable[[str], None]) -> None:
+    """Train one re-run (its source trial's configuration with another seed) and tell its study."""
+    from optuna.trial import TrialState
+
+    from .trial import run_trial
+
+    source = study.trials[trial.user_attrs["source"]]
+    seed = trial.user_attrs["seed"]
+    cfg = source.user_attrs.get("config") or json.loads((Path(source.user_attrs["folder"]) / "trial.json").read_text())
+    folder = job.output / "seeds" / f"{source.number:04d}-seed{seed}-{trial.number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trial.json").write_text(json.dumps({**cfg, "seed": seed, "output": str(folder / "run")}))
+    say(f"[seeds] trial {source.number}, seed {seed}: training")
+    result = run_trial(folder, on_eval=lambda step, loss: False,
+                       heartbeat=_every(job.heartbeat / 2, lambda: storage.record_heartbeat(trial._trial_id)))
+    if result.state == "complete":
+        trial.study.tell(trial, result.value)
+        say(f"[seeds] trial {source.number}, seed {seed}: eval loss {result.value:.4f}")
+    else:
+        trial.set_user_attr("fail_reason", result.reason)
+        trial.study.tell(trial, state=TrialState.FAIL)
+        say(f"[seeds] trial {source.number}, seed {seed}: {result.reason}")
+
+
 # --- setup: the first configurations and the budgets ---------------------------------------------------------
 
 def probed_lora(job: TuneJob, say: Callable[[str], None]) -> tuple[LoraConfig, str]:
@@ -425,7 +510,7 @@ def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
     (lorafit.advise.tune_report.report). Bad input raises ConfigError before anything is written. Trials start from a
     multiprocessing forkserver, which imports the caller's main module: call this from a script under
     ``if __name__ == "__main__":`` (the CLI and notebooks need nothing)."""
-    from .tune_report import report, seeded_reruns
+    from .tune_report import report
 
     if job.trials <= 0:
         raise ConfigError(f"trials={job.trials!r} is invalid: expected a positive number of trials")

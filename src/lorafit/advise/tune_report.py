@@ -1,18 +1,17 @@
-"""What `lorafit tune` writes from its study: seeded re-runs of the top configurations, results.csv / results.md,
-pareto.png (eval loss against trainable parameters, seeded error bars, suggest's / probe's / the best config
-marked), importances.png (Optuna's parameter importances) and best.yaml, which
-``lorafit train --config`` takes.
+"""What `lorafit tune` writes from its study and the seeded re-runs (``tune.seeded_reruns``): results.csv /
+results.md, pareto.png (eval loss against trainable parameters, seeded error bars, suggest's / probe's / the best
+config marked), importances.png (Optuna's parameter importances) and best.yaml, which ``lorafit train --config``
+takes.
 
-Every file is derived from the study and its re-runs' study alone, so any worker, or a rerun, writes the same ones.
+Every file is derived from the study and its re-runs' study (``tune.seeded_reruns``) alone, so any worker, or a
+rerun, writes the same ones.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,90 +29,6 @@ def _done(study) -> list:
     return [t for t in study.get_trials(deepcopy=False)
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)]
-
-
-def seeded_reruns(job, study, storage, say: Callable[[str], None] = print) -> dict[int, list[float]]:
-    """{trial number: eval losses with seeds seed, seed+1, ...} of the top 3 complete trials, K values each.
-
-    The re-runs are the trials of a second study in the same storage, ``<study>:seeds``, one per (configuration,
-    seed), enqueued by the worker that creates it. Every worker takes them as it takes the study's trials, so none is
-    trained twice; a killed worker's re-run loses its heartbeat and is enqueued again. Each trains in the taking
-    worker's ``OUTPUT/seeds/<trial>-seed<s>-<re-run>/`` from the configuration the trial stored in the study; the
-    losses come back through the storage, so every worker reports all of them.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    from .tune import take_waiting
-
-    top = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:TOP]
-    base = job.settings.get("seed", 0)
-    wanted = [(t.number, s) for t in top for s in range(base + 1, base + job.seeds)]
-    reruns = _seeds_study(job, storage, wanted)
-    while True:
-        optuna.storages.fail_stale_trials(reruns)  # a killed worker's re-run: FAIL, and enqueued again
-        trial = take_waiting(reruns, storage)
-        if trial is not None:
-            try:
-                _rerun(job, study, storage, trial, say)
-            except optuna.exceptions.UpdateFinishedTrialError:  # our heartbeat came late: enqueued again
-                say(f"[seeds] re-run {trial.number} was taken over (its heartbeat was late); its result is dropped")
-        elif reruns.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            time.sleep(1.0)  # another worker's re-run is training
-        else:
-            break
-    got: dict[tuple[int, int], float] = {}
-    for t in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        got.setdefault((t.user_attrs["source"], t.user_attrs["seed"]), t.value)
-    return {t.number: [t.value] + [got[(t.number, s)] for n, s in wanted if n == t.number and (n, s) in got]
-            for t in top}
-
-
-def _seeds_study(job, storage, wanted: list[tuple[int, int]]):
-    """The re-runs' study: created with ``wanted`` enqueued, or loaded, with what a rerun asks for beyond it (more
-    --seeds, a new top 3) enqueued."""
-    import optuna
-
-    name = f"{job.study}:seeds"
-    try:
-        reruns = optuna.create_study(direction="minimize", storage=storage, study_name=name)
-        have: set = set()
-    except optuna.exceptions.DuplicatedStudyError:
-        reruns = optuna.load_study(study_name=name, storage=storage)
-        deadline = time.time() + 30
-        while "enqueued" not in reruns.user_attrs and time.time() < deadline:  # its creator is still enqueuing
-            time.sleep(0.2)
-        have = {(t.user_attrs.get("source"), t.user_attrs.get("seed")) for t in reruns.get_trials(deepcopy=False)}
-    for source, seed in wanted:
-        if (source, seed) not in have:
-            reruns.enqueue_trial({}, user_attrs={"source": source, "seed": seed})
-    reruns.set_user_attr("enqueued", True)
-    return reruns
-
-
-def _rerun(job, study, storage, trial, say: Callable[[str], None]) -> None:
-    """Train one re-run (its source trial's configuration with another seed) and tell its study."""
-    from optuna.trial import TrialState
-
-    from .trial import run_trial
-    from .tune import _every
-
-    source = study.trials[trial.user_attrs["source"]]
-    seed = trial.user_attrs["seed"]
-    cfg = source.user_attrs.get("config") or json.loads((Path(source.user_attrs["folder"]) / "trial.json").read_text())
-    folder = job.output / "seeds" / f"{source.number:04d}-seed{seed}-{trial.number}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "trial.json").write_text(json.dumps({**cfg, "seed": seed, "output": str(folder / "run")}))
-    say(f"[seeds] trial {source.number}, seed {seed}: training")
-    result = run_trial(folder, on_eval=lambda step, loss: False,
-                       heartbeat=_every(job.heartbeat / 2, lambda: storage.record_heartbeat(trial._trial_id)))
-    if result.state == "complete":
-        trial.study.tell(trial, result.value)
-        say(f"[seeds] trial {source.number}, seed {seed}: eval loss {result.value:.4f}")
-    else:
-        trial.set_user_attr("fail_reason", result.reason)
-        trial.study.tell(trial, state=TrialState.FAIL)
-        say(f"[seeds] trial {source.number}, seed {seed}: {result.reason}")
 
 
 def rows(study, seeds: dict[int, list[float]]) -> list[dict]:
