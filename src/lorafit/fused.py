@@ -368,7 +368,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
         if magnitude is not None:  # a quantized W0 is dequantized for the norm (one layer at a time)
             W0 = dense(weight.t() if transposed else weight)  # (out, in)
             norm = dora_norm(W0, A, B, s, w0_sq)  # (out,), in A's dtype
-            W0 = W0 if W0 is not weight and linear_dequantizes(weight) else None  # NF4: forward reuses it
+            W0 = W0 if linear_dequantizes(weight) else None  # NF4: forward reuses the dequantized copy
         return _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0)
 
 

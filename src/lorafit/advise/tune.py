@@ -296,36 +296,48 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
     return f"failed: {out.reason}"
 
 
+def drain(study, storage, run: Callable[[object], None]) -> None:
+    """Take waiting trials of ``study`` and ``run`` each, until none is waiting or running (a stale running one, its
+    worker killed, is failed and enqueued again). ``run`` raises optuna's UpdateFinishedTrialError when another
+    worker failed its trial meanwhile (our heartbeat came late); that trial is enqueued again and left to it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, and enqueued again
+        trial = take_waiting(study, storage)
+        if trial is not None:
+            run(trial)
+        elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            time.sleep(1.0)  # another worker's trial runs, or a killed worker's is not yet stale
+        else:
+            return
+
+
 def work(job: TuneJob, ctx: Context, study, storage, say: Callable[[str], None]) -> None:
-    """Take waiting trials until none is waiting or running (a stale running one is failed and enqueued again)."""
+    """Run this worker's share of the study's trials (``drain``), one line per trial."""
     import optuna
 
     import warnings
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    best = None
-    while True:
-        optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, and enqueued again
-        trial = take_waiting(study, storage)
-        if trial is None:
-            c = counts(study)
-            if not c["running"]:
-                return
-            time.sleep(1.0)  # another worker's trial runs, or a killed worker's is not yet stale
-            continue
+
+    def run(trial) -> None:
         try:
             text = run_one(job, ctx, study, storage, trial)
-        except optuna.exceptions.UpdateFinishedTrialError:  # our heartbeat came late: another worker failed it
+        except optuna.exceptions.UpdateFinishedTrialError:
             text = "taken over (its heartbeat was late, so it was enqueued again); this result is dropped"
         c = counts(study)
         try:
             best = study.best_trial
         except ValueError:
-            pass
+            best = None
         best_text = f"best {best.value:.4f} (trial {best.number})" if best else "best: none yet"
         total = c["done"] + c["waiting"] + c["running"]
         say(f"[trial {trial.number}] {describe(trial.params)}: {text} | done {c['done']}/{total}"
             f": {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed | {best_text}")
+
+    drain(study, storage, run)
 
 
 # --- seeded re-runs of the top configurations ------------------------------------------------------------
@@ -348,18 +360,14 @@ def seeded_reruns(job, study, storage, say: Callable[[str], None] = print) -> di
     base = job.settings.get("seed", 0)
     wanted = [(t.number, s) for t in top for s in range(base + 1, base + job.seeds)]
     reruns = _seeds_study(job, storage, wanted)
-    while True:
-        optuna.storages.fail_stale_trials(reruns)  # a killed worker's re-run: FAIL, and enqueued again
-        trial = take_waiting(reruns, storage)
-        if trial is not None:
-            try:
-                _rerun(job, study, storage, trial, say)
-            except optuna.exceptions.UpdateFinishedTrialError:  # our heartbeat came late: enqueued again
-                say(f"[seeds] re-run {trial.number} was taken over (its heartbeat was late); its result is dropped")
-        elif reruns.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            time.sleep(1.0)  # another worker's re-run is training
-        else:
-            break
+
+    def run(trial) -> None:
+        try:
+            _rerun(job, study, storage, trial, say)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            say(f"[seeds] re-run {trial.number} was taken over (its heartbeat was late); its result is dropped")
+
+    drain(reruns, storage, run)
     got: dict[tuple[int, int], float] = {}
     for t in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         got.setdefault((t.user_attrs["source"], t.user_attrs["seed"]), t.value)
