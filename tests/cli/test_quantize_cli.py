@@ -160,12 +160,15 @@ def test_a_model_with_no_linear_nf4_can_hold_is_refused_before_any_file(files, t
     assert not (tmp_path / "run").exists()
 
 
-def test_quantize_under_torchrun_is_refused_before_any_work(files, tmp_path):
-    """In its own process: a torchrun worker's error ends the process at once (cli._fail)."""
+def test_quantize_with_fsdp_under_torchrun_is_refused_before_any_work(files, tmp_path):
+    """In its own process: a torchrun worker's error ends the process at once (cli._fail). DDP over a quantized
+    base is tested in tests/train/test_distributed.py."""
     model, _, data = files
-    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--quantize", "nf4"]
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--quantize", "nf4",
+            "--strategy", "fsdp"]
     env = {**os.environ, "WORLD_SIZE": "2"}
     r = subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "--quantize nf4 under torchrun (WORLD_SIZE=2) is not supported yet" in r.stderr
+    assert "--quantize nf4 with --strategy fsdp under torchrun (WORLD_SIZE=2) is not supported: use --strategy ddp" \
+        in r.stderr
     assert not (tmp_path / "run").exists()

@@ -72,6 +72,24 @@ def test_ddp_equals_single_process_with_the_same_global_batch(setup, ddp_run):
     assert state["max_rank_divergence"] == 0.0  # both ranks hold identical adapters
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_ddp_over_a_quantized_base_equals_single_process(setup, fmt):
+    """--quantize under torchrun: "auto" picks DDP (FSDP2 is refused, tests/cli/test_quantize_cli.py), every rank
+    quantizes the same checkpoint to the same codes, and 2 ranks x batch 2 train the adapter a single process trains
+    with batch 4. float32 compute, so that the comparison is as tight as the float DDP test's."""
+    pytest.importorskip("torchao")
+    model, data, root = setup
+    flags = ["--model", model, "--data", data, "--quantize", fmt, "--dtype", "float32", *COMMON]
+    r = torchrun("train", *flags, "--output", root / f"ddp-{fmt}", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r1 = single("train", *flags, "--output", root / f"single-{fmt}", "--batch-size", "4")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    close(adapter(root / f"ddp-{fmt}"), adapter(root / f"single-{fmt}"), rtol=1e-5, atol=1e-6)
+    state = json.loads((root / f"ddp-{fmt}" / "trainer_state.json").read_text())
+    assert state["processes"] == 2 and state["strategy"] == "ddp" and state["max_rank_divergence"] == 0.0
+    assert f"quantized 14 linear layers to {fmt}" in r.stdout + r.stderr
+
+
 def test_fsdp_trains_and_saves_a_peft_loadable_adapter(setup, ddp_run):
     from transformers import AutoModelForCausalLM
 

@@ -80,16 +80,19 @@ def given_flags(args: argparse.Namespace) -> dict:
             if getattr(args, _dest(field)) is not None}
 
 
-def require_quant(command: str, fmt: Optional[str]) -> None:
-    """A quantized base needs torchao: refuse its absence before any work (``require``, only when ``fmt`` is set),
-    and runs under torchrun, which lorafit has not tested over quantized weights (DDP broadcasts and FSDP shards the
-    parameters, torchao tensor subclasses among them)."""
+def require_quant(command: str, fmt: Optional[str], strategy: str = "auto") -> None:
+    """A quantized base needs torchao: refuse its absence before any work (``require``, only when ``fmt`` is set).
+    Under torchrun it trains with DDP (each rank holds the whole quantized base, which is what NF4's 4 bits make
+    small); FSDP2 is refused, because torchao's NF4 tensor shards only when every weight's scale blocks divide by
+    the number of ranks, which small and oddly shaped layers miss."""
     if not fmt:
         return
     require(command, ("torchao",))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"--quantize {fmt} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) is not supported "
-                          "yet: run it as one process, or drop --quantize to train in bf16 on every rank")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and strategy == "fsdp":
+        raise ConfigError(f"--quantize {fmt} with --strategy fsdp under torchrun (WORLD_SIZE={world}) is not "
+                          "supported: use --strategy ddp (or auto), where every rank holds the quantized base, or "
+                          "drop --quantize to shard a bf16 base with FSDP2")
 
 
 def train_settings(args: argparse.Namespace) -> tuple[dict, str]:
@@ -128,13 +131,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(read_yaml(str(folder / "config.yaml")))
         cfg.output = str(folder)
         require_demo("train", cfg.model)
-        require_quant("train", cfg.quantize)
+        require_quant("train", cfg.quantize, cfg.strategy)
         run(cfg, resume=True, quiet=args.quiet)
         return 0
     settings_, note = train_settings(args)
     cfg = TrainConfig.from_dict(settings_)
     require_demo("train", cfg.model)
-    require_quant("train", cfg.quantize)
+    require_quant("train", cfg.quantize, cfg.strategy)
     if note:
         print(note, file=sys.stderr if args.quiet else sys.stdout, flush=True)
     run(cfg, quiet=args.quiet)
