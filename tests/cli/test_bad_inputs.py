@@ -513,3 +513,13 @@ def test_data_without_a_token_to_predict(files, tmp_path, capsys):
                         "--steps", "1", "--batch-size", "4")
     assert code == 2 and str(data) in err
     assert not out.exists()
+
+
+def test_a_tilde_in_config_paths_is_the_home_folder(tmp_path, monkeypatch):
+    """`model: ~/models/x` in a YAML file means what it means on a flag, where the shell expands it (the chat-task
+    command in docs/guidance.md, whose `lorafit tune` also expands it before resolving the path for its workers)."""
+    from lorafit.train import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = TrainConfig.from_dict({"model": "~/m", "data": "~/d.jsonl", "output": "runs/x"})
+    assert (cfg.model, cfg.data, cfg.output) == (str(tmp_path / "m"), str(tmp_path / "d.jsonl"), "runs/x")

@@ -28,7 +28,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     settings.setdefault("steps", 100)
     for key in ("model", "data"):  # every worker and trial process reads the same files, wherever it starts
         if settings.get(key):
-            settings[key] = str(Path(settings[key]).resolve())
+            settings[key] = str(Path(settings[key]).expanduser().resolve())
     space = parse_space(read_yaml(args.space)) if args.space else Space()
     out = Path(args.output or Path("runs") / time.strftime("tune-%Y%m%d-%H%M%S"))
     job = TuneJob(settings=settings, output=out, trials=args.trials, space=space, storage=args.storage,

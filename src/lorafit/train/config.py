@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -118,6 +119,9 @@ class TrainConfig:
             self.lora = LoraConfig.from_dict(self.lora, strict=True)
         for f in settings():
             value = getattr(self, f.name)
+            if f.metadata["check"] is PATH and isinstance(value, str) and value.startswith("~"):
+                value = os.path.expanduser(value)  # ~/models/x in a YAML file, as the shell expands it on a flag
+                setattr(self, f.name, value)
             if not f.metadata["check"].ok(value):
                 raise ConfigError(f"{f.name}={value!r} is invalid: expected {f.metadata['check'].expected}")
         if self.max_length < 2:  # a positive integer, but no room for a prediction
