@@ -4,12 +4,19 @@ the difference more than seed noise?
     python benchmarks/guidance.py --output runs/guidance                 # 40 trials x 60 steps, 3 seeds (hours)
     python benchmarks/guidance.py --output runs/guidance --trials 10 --seeds 3      # what docs/guidance.md shows
     python benchmarks/guidance.py --output runs/guidance-chat --trials 8 --config chat.yaml   # another task
+    python benchmarks/guidance.py --output runs/guidance-lr --grid-only --no-grid --lr-scan 0.333,1,3  # tuned lr
 
 On the embedded task (SmolLM2-135M-Instruct, movie-review sentiment; the `lorafit train` demo job's data and
 settings): (1) `lorafit tune`, timed; (2) the suggested and the probed configurations (the study's trials 0 and 1)
 and tune's best, each re-trained with seeds 0..K-1 for the full step budget; (3) the uniform grid (GRID: alpha 16,
 suggest's learning rate for all), K seeds each, timed; (4) one Markdown table with the zero-shot row, mean ± std of
 the eval loss and accuracy over the seeds, to paste into docs/guidance.md. Resumable: rerun the same command.
+
+With ``--lr-scan F1,F2,...`` the grid is also trained at each configuration's own learning rate: seed 0 at suggest's
+learning rate times each factor (and, while the lowest seed-0 eval loss is at the lowest or the highest factor, one
+more step beyond it, up to 5 factors), then seeds 0..K-1 at the factor whose seed-0 eval loss is lowest. ``--grid-only``
+skips the study's advice rows (suggest's configuration, the grid's base, comes from a 1-trial study without the
+probe).
 """
 
 from __future__ import annotations
@@ -95,20 +102,69 @@ def row(name: str, cfg: dict, results: list[dict], trainable: int, seeds: int) -
             f"{trainable:,} | {summary([r['eval_loss'] for r in results])} | {summary(acc) if acc else '-'} |")
 
 
+def grid_config(base: dict, lora: dict) -> dict:
+    """The grid point ``lora`` (r, target_modules, use_dora) over ``base``'s settings, alpha 16, no patterns."""
+    return {**base, "lora": {**base["lora"], "r": lora["r"], "lora_alpha": 16, "alpha_pattern": {},
+                             "target_modules": lora["target_modules"], "rank_pattern": {},
+                             "use_dora": lora.get("use_dora", False), "use_rslora": False}}
+
+
+def grid_folder(out: Path, name: str) -> Path:
+    return out / ("grid-" + name.replace(" ", "_").replace(",", "").replace("=", ""))
+
+
+def lr_scan(base: dict, out: Path, factors: list[float], seeds: int, most: int = 5) -> tuple[list[str], list[str]]:
+    """Each grid point at its own learning rate: seed 0 at base lr x each factor (while the best is the lowest or
+    the highest factor, one more step beyond it, up to ``most`` factors), then ``seeds`` seeds at the best factor.
+    Returns the table rows and the scan's lines (every factor's seed-0 eval loss)."""
+    rows, scanned = [], {}
+    for name, lora in GRID.items():
+        fs, losses = sorted(factors), {}
+        while True:
+            for f in fs:
+                if f not in losses:
+                    cfg = {**grid_config(base, lora), "lr": base["lr"] * f}
+                    losses[f] = retrain(cfg, grid_folder(out, name) / f"lr{f:.3g}", 1)[0][0]["eval_loss"]
+            best = min(losses, key=losses.get)
+            if len(fs) >= most or len(fs) < 2 or best not in (fs[0], fs[-1]):
+                break
+            fs = [fs[0] ** 2 / fs[1], *fs] if best == fs[0] else [*fs, fs[-1] ** 2 / fs[-2]]
+        cfg = {**grid_config(base, lora), "lr": base["lr"] * best}
+        results, state = retrain(cfg, grid_folder(out, name) / f"lr{best:.3g}", seeds)
+        rows.append(row(f"grid {name}, own lr (x{best:.3g})", cfg, results, state["trainable"], seeds))
+        scanned[name] = (losses, best)
+    columns = sorted({f for losses, _ in scanned.values() for f in losses})
+    scan = ["| configuration | " + " | ".join(f"lr x{f:.3g}" for f in columns) + " | chosen |",
+            "|---|" + "---:|" * (len(columns) + 1)]
+    for name, (losses, best) in scanned.items():
+        scan.append(f"| {name} | " + " | ".join(f"{losses[f]:.4f}" if f in losses else "-" for f in columns) +
+                    f" | x{best:.3g} |")
+    return rows, scan
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=Path("runs/guidance"))
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--no-grid", action="store_true", help="skip the uniform grid")
+    p.add_argument("--no-grid", action="store_true", help="skip the uniform grid at suggest's learning rate")
+    p.add_argument("--lr-scan", type=lambda v: [float(x) for x in v.split(",")], metavar="F1,F2,...",
+                   help="also the grid at each configuration's own learning rate, chosen among suggest's x F")
+    p.add_argument("--grid-only", action="store_true",
+                   help="no study beyond suggest's configuration (1 trial, no probe): the grid rows only")
     p.add_argument("--config", type=Path, help="training settings YAML of another task (model, data, max_length, "
                    "...), given to tune, whose trials carry them to every run (default: the embedded task)")
     args = p.parse_args()
     study_dir = args.output / "tune"
     t0 = time.perf_counter()
+    extra = ()
+    if args.grid_only:  # trial 0 alone is suggest's configuration, and a space without "probed" skips the probe
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "space.yaml").write_text("targets: [qv, attention, mlp, all-linear]\n")
+        args.trials, extra = 1, ("--space", args.output / "space.yaml")
     sh("tune", "--trials", args.trials, "--steps", args.steps, "--seeds", 1, "--output", study_dir,
-       "--sampler-seed", 0, *(("--config", args.config) if args.config else ()))
+       "--sampler-seed", 0, *(("--config", args.config) if args.config else ()), *extra)
     tune_s = time.perf_counter() - t0
 
     import optuna
@@ -122,11 +178,12 @@ def main() -> None:
         cfg.pop("output")
         cfg["eval_every"] = 0
         configs[t.user_attrs.get("mark", f"trial {t.number}")] = cfg
-    configs["best (tune)"] = {**best, "eval_every": 0}
+    if not args.grid_only:
+        configs["best (tune)"] = {**best, "eval_every": 0}
     header = [f"| configuration | trainable | eval loss, mean ± std ({args.seeds} seeds) | accuracy |",
               "|---|---:|---:|---:|"]
     lines, zero = list(header), None
-    for name, cfg in configs.items():
+    for name, cfg in ({} if args.grid_only else configs).items():
         folder = args.output / name.split()[0]
         results, state = retrain(cfg, folder, args.seeds)
         zero = zero or state.get("before")
@@ -136,18 +193,27 @@ def main() -> None:
         base = dict(configs[next(iter(configs))])  # suggest's settings and learning rate
         t0 = time.perf_counter()
         for name, lora in GRID.items():
-            cfg = {**base, "lora": {**base["lora"], "r": lora["r"], "lora_alpha": 16, "alpha_pattern": {},
-                                    "target_modules": lora["target_modules"], "rank_pattern": {},
-                                    "use_dora": lora.get("use_dora", False), "use_rslora": False}}
-            folder = args.output / ("grid-" + name.replace(" ", "_").replace(",", "").replace("=", ""))
-            results, state = retrain(cfg, folder, args.seeds)
+            cfg = grid_config(base, lora)
+            results, state = retrain(cfg, grid_folder(args.output, name), args.seeds)
+            zero = zero or state.get("before")
             lines.append(row(f"grid {name}", cfg, results, state["trainable"], args.seeds))
         grid_s = time.perf_counter() - t0
+    scan, scan_s = [], None
+    if args.lr_scan:
+        base = dict(configs[next(iter(configs))])
+        t0 = time.perf_counter()
+        rows, scan = lr_scan(base, args.output, args.lr_scan, args.seeds)
+        scan_s = time.perf_counter() - t0
+        lines += rows
+        zero = zero or json.loads(next(args.output.glob("grid-*/lr*/seed0/trainer_state.json")).read_text())["before"]
     if zero:
         lines.insert(2, f"| zero-shot | 0 | {zero['eval_loss']:.4f} | {zero.get('eval_accuracy', float('nan')):.3f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + ("\n\nseed 0's eval loss at each learning rate (suggest's x F):\n\n" +
+                                 "\n".join(scan) if scan else "")
     times = f"tune ({args.trials} trials x {args.steps} steps): {tune_s:.0f} s" + \
-        (f"; grid ({len(GRID)} configs x {args.seeds} seeds): {grid_s:.0f} s" if grid_s else "")
+        (f"; grid ({len(GRID)} configs x {args.seeds} seeds): {grid_s:.0f} s" if grid_s else "") + \
+        (f"; lr scan ({len(GRID)} configs x {len(args.lr_scan)} lrs, then {args.seeds} seeds at the best): "
+         f"{scan_s:.0f} s" if scan_s else "")
     (args.output / "guidance.md").write_text(table + "\n\n" + times + "\n")
     print(table)
     print("\n" + times)
