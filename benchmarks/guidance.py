@@ -113,11 +113,12 @@ def grid_folder(out: Path, name: str) -> Path:
     return out / ("grid-" + name.replace(" ", "_").replace(",", "").replace("=", ""))
 
 
-def lr_scan(base: dict, out: Path, factors: list[float], seeds: int, most: int = 5) -> tuple[list[str], list[str]]:
+def lr_scan(base: dict, out: Path, factors: list[float], seeds: int,
+            most: int = 5) -> tuple[list[str], list[str], dict]:
     """Each grid point at its own learning rate: seed 0 at base lr x each factor (while the best is the lowest or
     the highest factor, one more step beyond it, up to ``most`` factors), then ``seeds`` seeds at the best factor.
-    Returns the table rows and the scan's lines (every factor's seed-0 eval loss)."""
-    rows, scanned = [], {}
+    Returns the table rows, the scan's lines (every factor's seed-0 eval loss) and the zero-shot evaluation."""
+    rows, scanned, zero = [], {}, {}
     for name, lora in GRID.items():
         fs, losses = sorted(factors), {}
         while True:
@@ -132,14 +133,14 @@ def lr_scan(base: dict, out: Path, factors: list[float], seeds: int, most: int =
         cfg = {**grid_config(base, lora), "lr": base["lr"] * best}
         results, state = retrain(cfg, grid_folder(out, name) / f"lr{best:.3g}", seeds)
         rows.append(row(f"grid {name}, own lr (x{best:.3g})", cfg, results, state["trainable"], seeds))
-        scanned[name] = (losses, best)
+        scanned[name], zero = (losses, best), zero or state.get("before")
     columns = sorted({f for losses, _ in scanned.values() for f in losses})
     scan = ["| configuration | " + " | ".join(f"lr x{f:.3g}" for f in columns) + " | chosen |",
             "|---|" + "---:|" * (len(columns) + 1)]
     for name, (losses, best) in scanned.items():
         scan.append(f"| {name} | " + " | ".join(f"{losses[f]:.4f}" if f in losses else "-" for f in columns) +
                     f" | x{best:.3g} |")
-    return rows, scan
+    return rows, scan, zero
 
 
 def main() -> None:
@@ -189,8 +190,8 @@ def main() -> None:
         zero = zero or state.get("before")
         lines.append(row(name, cfg, results, state["trainable"], args.seeds))
     grid_s = None
+    base = dict(configs[next(iter(configs))])  # suggest's settings and learning rate: the grids' base
     if not args.no_grid:
-        base = dict(configs[next(iter(configs))])  # suggest's settings and learning rate
         t0 = time.perf_counter()
         for name, lora in GRID.items():
             cfg = grid_config(base, lora)
@@ -200,19 +201,18 @@ def main() -> None:
         grid_s = time.perf_counter() - t0
     scan, scan_s = [], None
     if args.lr_scan:
-        base = dict(configs[next(iter(configs))])
         t0 = time.perf_counter()
-        rows, scan = lr_scan(base, args.output, args.lr_scan, args.seeds)
+        rows, scan, scan_zero = lr_scan(base, args.output, args.lr_scan, args.seeds)
         scan_s = time.perf_counter() - t0
         lines += rows
-        zero = zero or json.loads(next(args.output.glob("grid-*/lr*/seed0/trainer_state.json")).read_text())["before"]
+        zero = zero or scan_zero
     if zero:
         lines.insert(2, f"| zero-shot | 0 | {zero['eval_loss']:.4f} | {zero.get('eval_accuracy', float('nan')):.3f} |")
     table = "\n".join(lines) + ("\n\nseed 0's eval loss at each learning rate (suggest's x F):\n\n" +
                                  "\n".join(scan) if scan else "")
     times = f"tune ({args.trials} trials x {args.steps} steps): {tune_s:.0f} s" + \
         (f"; grid ({len(GRID)} configs x {args.seeds} seeds): {grid_s:.0f} s" if grid_s else "") + \
-        (f"; lr scan ({len(GRID)} configs x {len(args.lr_scan)} lrs, then {args.seeds} seeds at the best): "
+        (f"; lr scan ({len(GRID)} configs x {len(args.lr_scan)}+ lrs, then {args.seeds} seeds at the best): "
          f"{scan_s:.0f} s" if scan_s else "")
     (args.output / "guidance.md").write_text(table + "\n\n" + times + "\n")
     print(table)
