@@ -84,7 +84,10 @@ def test_ddp_over_a_quantized_base_equals_single_process(setup, fmt):
     assert r.returncode == 0, r.stderr[-3000:]
     r1 = single("train", *flags, "--output", root / f"single-{fmt}", "--batch-size", "4")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    close(adapter(root / f"ddp-{fmt}"), adapter(root / f"single-{fmt}"), rtol=1e-5, atol=1e-6)
+    # the quantized weights' kernels round differently on half batches: measured under ATEN_CPU_CAPABILITY=avx2,
+    # int8's worst value is 2.1e-5 relative / 2.3e-6 absolute (1 of 512), nf4 and avx512 within 1e-5; a rank whose
+    # weights DDP re-quantized was 0.4 relative off
+    close(adapter(root / f"ddp-{fmt}"), adapter(root / f"single-{fmt}"), rtol=1e-4, atol=1e-5)
     state = json.loads((root / f"ddp-{fmt}" / "trainer_state.json").read_text())
     assert state["processes"] == 2 and state["strategy"] == "ddp" and state["max_rank_divergence"] == 0.0
     assert f"quantized 14 linear layers to {fmt}" in r.stdout + r.stderr
