@@ -76,7 +76,7 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device)
 
     16 random bits per element (one int64 word per 4 elements) cost a quarter of ``bernoulli_``'s 64-bit draws; a
     16-bit integer r is kept iff r >= round(p·2¹⁶) - 2¹⁵, compared straight into the boolean mask (no float mask:
-    applying it is one ``torch.where``, in the input's own dtype, bfloat16 included).
+    ``apply_keep`` multiplies by it in the input's own dtype, bfloat16 included).
     """
     n = math.prod(shape)
     gen = _generator(device, seed)
@@ -96,9 +96,19 @@ def keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device)
     return keep_bits(seed, shape, p, device).to(torch.float32)
 
 
+def apply_keep(x: Tensor, keep: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """x ⊙ keep for a boolean mask, in x's dtype (``out=x``: in place): a multiply by the mask's bytes viewed as uint8.
+
+    Measured on this CPU (1024 x 1024, 2 threads): 0.15 ms in bfloat16 and 0.11 ms in float32, against 0.63 ms for
+    ``torch.where(keep, x, 0)`` (not vectorized) and 0.81 ms for a multiply by the boolean tensor itself (which
+    converts it on the fly). Dropped entries are x·0, as in ``nn.Dropout`` (a NaN or inf input gives NaN there).
+    """
+    return torch.mul(x, keep.view(torch.uint8), out=out)
+
+
 def dropout(x: Tensor, seed: int, p: float) -> Tensor:
     """drop(x) = x ⊙ keep / (1 - p), with the mask of ``keep_bits``."""
-    return torch.where(keep_bits(seed, tuple(x.shape), p, x.device), x, 0).mul_(keep_scale(p))
+    return apply_keep(x, keep_bits(seed, tuple(x.shape), p, x.device)).mul_(keep_scale(p))
 
 
 _last_seed: dict = {"ref": None, "version": -1, "p": -1.0, "seed": 0}
@@ -180,7 +190,7 @@ def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int,
 
     def compute():
         mask = keep_bits(seed, tuple(x2.shape), p, x2.device) if keep is None else keep  # (N, in), bool
-        return torch.where(mask, x2, 0), mask
+        return apply_keep(x2, mask), mask
 
     shape = tuple(x2.shape)  # plain ints: comparing torch.Size is slower
     return _shared[phase].get((seed, x2.dtype, shape, x2.device), (owner, shape), compute)
@@ -300,7 +310,7 @@ class LoraLinear(torch.autograd.Function):
             if need_x:
                 t = gh @ A  # (N, r) @ (r, in) -> (N, in)
                 if keep is not None:
-                    t = torch.where(keep, t, 0)  # (N, in): faster than multiplying by the mask, bfloat16 most
+                    t = apply_keep(t, keep, out=t)  # (N, in), in place
                 if t.dtype == W.dtype:
                     grad_x = t.addmm_(gw, W)  # (N, out) @ (out, in), accumulated in place
                 else:

@@ -55,6 +55,21 @@ def test_keep_mask_is_a_function_of_the_seed():
     assert fused.keep_mask(2, (100, 100), 0.0, cpu).min() == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_keep_zeroes_exactly_the_dropped_entries(dtype):
+    keep = fused.keep_bits(5, (37, 53), 0.3, torch.device("cpu"))
+    x = torch.randn(37, 53).to(dtype)
+    before = x.clone()
+    want = torch.where(keep, x, torch.zeros((), dtype=dtype))
+    got = fused.apply_keep(x, keep)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(x, before)  # out of place: x untouched
+    assert fused.apply_keep(x, keep, out=x) is x and torch.equal(x, want)  # in place
+    x = torch.ones(4, 4, dtype=dtype, requires_grad=True)  # differentiable in x (the reference path's dropout)
+    fused.apply_keep(x, keep[:4, :4]).sum().backward()
+    assert torch.equal(x.grad, keep[:4, :4].to(dtype))
+
+
 def test_dropout_keeps_the_expectation():
     x = torch.ones(200, 500)
     y = fused.dropout(x, 3, 0.3)
