@@ -170,17 +170,38 @@ def _wait_for(predicate, timeout: float = 240.0) -> None:
         time.sleep(0.1)
 
 
-def _tune_process(files, out, trials, log: Path, *extra) -> subprocess.Popen:
+# Run in the tune process: trial ``number``'s first pruning check touches ``marker`` and waits there to be killed, so
+# the kill lands while the trial is running, after its first eval, whatever the machine's speed (the pruner could
+# otherwise stop the trial between the test seeing it train and the kill).
+HOLD_AT_FIRST_EVAL = """
+import sys, time
+from pathlib import Path
+import optuna
+number, marker = int(sys.argv[1]), Path(sys.argv[2])
+should_prune = optuna.trial.Trial.should_prune
+def held(self):
+    if self.number == number:
+        marker.touch()
+        time.sleep(3600)
+    return should_prune(self)
+optuna.trial.Trial.should_prune = held
+from lorafit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _tune_process(files, out, trials, log: Path, *extra, hold: tuple[int, Path] | None = None) -> subprocess.Popen:
     argv = [str(a) for a in tune_argv(files, out, trials, "--space", files[2], "--heartbeat", "1", *extra)]
-    return subprocess.Popen([sys.executable, "-m", "lorafit", *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
+    cmd = ["-m", "lorafit"] if hold is None else ["-c", HOLD_AT_FIRST_EVAL, str(hold[0]), str(hold[1])]
+    return subprocess.Popen([sys.executable, *cmd, *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_a_killed_study_resumes_and_reruns_the_interrupted_trial_only(files, tmp_path, capsys):
     out = tmp_path / "killed"
-    proc = _tune_process(files, out, 3, tmp_path / "first.log")
-    step_logged = out / "trials" / "0001" / "run" / "metrics.jsonl"
-    _wait_for(lambda: step_logged.is_file() and '"loss"' in step_logged.read_text())  # trial 1 is training
+    held = tmp_path / "trial-1-held"
+    proc = _tune_process(files, out, 3, tmp_path / "first.log", hold=(1, held))
+    _wait_for(held.is_file)  # trial 1 trained to its first eval and is running
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {t.number: t.value for t in load(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
