@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 import weakref
 
 import torch
@@ -60,34 +59,58 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - quantised_p(p))
 
 
-_generators = threading.local()  # one reusable torch.Generator per device and thread (backward may run elsewhere)
+def _int64(v: int) -> int:
+    """v modulo 2⁶⁴ as a signed int64 (torch's integer arithmetic wraps the same way)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    gens = _generators.__dict__.setdefault("by_device", {})
-    gen = gens.get(device)
-    if gen is None:
-        gen = gens[device] = torch.Generator(device=device)
-    return gen.manual_seed(seed)
+# SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014): word i of seed s is
+# mix(s + (i+1)·γ), a counter hash that vectorizes; torch's generators are serial (mt19937: 2.7 ns per 64-bit word)
+_GAMMA, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+_WORDS = 1 << 16  # 64-bit words per chunk (4 mask elements each): 512 KB buffers, robust to page faults
+_counters: dict = {}  # device -> (_WORDS,) int64 constant (i+1)·γ
+
+
+def _xorshift_right(z: Tensor, k: int, tmp: Tensor) -> Tensor:
+    """z ^= z >>> k (a logical shift: torch shifts int64 arithmetically, so the sign copies are masked off)."""
+    torch.bitwise_right_shift(z, k, out=tmp)
+    return z.bitwise_xor_(tmp.bitwise_and_((1 << (64 - k)) - 1))
+
+
+def splitmix64(seed: int, start: int, z: Tensor, tmp: Tensor) -> Tensor:
+    """Words start .. start+len(z)-1 of the SplitMix64 stream of ``seed``, written into z (int64; tmp: scratch)."""
+    n = z.numel()
+    counters = _counters.get(z.device)
+    if counters is None:
+        counters = _counters[z.device] = torch.arange(1, _WORDS + 1, dtype=torch.int64, device=z.device).mul_(_GAMMA)
+    torch.add(counters[:n], _int64(seed + start * _GAMMA), out=z)  # s + (i+1)·γ for i = start ..
+    _xorshift_right(z, 30, tmp).mul_(_MIX1)
+    _xorshift_right(z, 27, tmp).mul_(_MIX2)
+    return _xorshift_right(z, 31, tmp)
 
 
 def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """Bernoulli(1 - p) mask of ``shape`` as booleans (True kept): a pure function of (seed, shape, p, device type).
+    """Bernoulli(1 - p) mask of ``shape`` as booleans (True kept): a pure function of (seed, shape, p).
 
-    16 random bits per element (one int64 word per 4 elements) cost a quarter of ``bernoulli_``'s 64-bit draws; a
-    16-bit integer r is kept iff r >= round(p·2¹⁶) - 2¹⁵, compared straight into the boolean mask (no float mask:
-    ``apply_keep`` multiplies by it in the input's own dtype, bfloat16 included).
+    16 random bits per element, four per 64-bit SplitMix64 word (``splitmix64``: 11 vectorized integer ops per chunk
+    of 2¹⁶ words; 1024 x 2816 elements take 1.35-1.6 ms here against 2.4-2.7 ms with torch's mt19937 ``random_``,
+    and ``bernoulli_`` takes 4 ms per million); a 16-bit integer r is kept iff r >= round(p·2¹⁶) - 2¹⁵, compared straight into the boolean
+    mask (no float mask: ``apply_keep`` multiplies by it in the input's own dtype, bfloat16 included). The same
+    integer arithmetic on every device and CPU kernel, so the same mask.
     """
     n = math.prod(shape)
-    gen = _generator(device, seed)
     keep = torch.empty(shape, dtype=torch.bool, device=device)
     flat = keep.view(-1)
-    words = torch.empty(min(n, _CHUNK) // 4 + 1, dtype=torch.int64, device=device)
+    words = (n + 3) // 4
+    z = torch.empty(min(words, _WORDS), dtype=torch.int64, device=device)
+    tmp = torch.empty_like(z)
     t = round(p * _LEVELS) - _LEVELS // 2  # dropped iff r < t, so P(dropped) = quantised_p(p)
-    for i in range(0, n, _CHUNK):
-        m = min(_CHUNK, n - i)
-        w = words[:(m + 3) // 4].random_(-(1 << 63), None, generator=gen)
-        torch.ge(w.view(torch.int16)[:m], t, out=flat[i:i + m])  # uniform integers r on [-2¹⁵, 2¹⁵)
+    for w in range(0, words, _WORDS):
+        m = min(_WORDS, words - w)
+        r = splitmix64(seed, w, z[:m], tmp[:m]).view(torch.int16)  # uniform integers r on [-2¹⁵, 2¹⁵)
+        k = min(4 * m, n - 4 * w)
+        torch.ge(r[:k], t, out=flat[4 * w:4 * w + k])
     return keep
 
 
