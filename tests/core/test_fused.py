@@ -75,6 +75,7 @@ def test_keep_bits_are_splitmix64_words_compared_with_p():
         r = lane - (1 << 16) if lane >> 15 else lane
         assert bool(keep[e]) == (r >= t), e
     # the stream is uniform and its neighbours uncorrelated: drop rate and 2x2 pair frequencies of adjacent elements
+    assert keep.dtype == torch.bool and keep.view(torch.uint8).max() == 1  # every byte a valid bool: 0 or 1
     k = keep.double()
     assert abs(1 - k.mean().item() - fused.quantised_p(p)) < 3e-3  # sd ~5e-4 at n = 524298
     pairs = (k[:-1] * 2 + k[1:]).long().bincount(minlength=4).double() / (n - 1)
