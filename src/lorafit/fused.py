@@ -8,7 +8,8 @@ its dropped input and a float mask (both saved for backward), full-size temporar
 DoRA, the full matrix W0 + s·B·A every step. Here, per layer and step:
 
 * the dropout mask is a pure function of a 62-bit seed (``keep_bits``), drawn once per input in forward and saved as
-  booleans (1 byte per value); over a frozen weight the dropped input x ⊙ keep is saved in place of x (backward
+  booleans (1 byte per value), or in the input's dtype when that is bfloat16/float16 (``mask_dtype``: 2 bytes per
+  value, a faster multiply); over a frozen weight the dropped input x ⊙ keep is saved in place of x (backward
   needs x only through it); adapters that read the same tensor share both: q/k/v, gate/up;
 * the scales s and 1/(1-p) multiply the rank-r intermediate (N, r), and s·B·(A·drop(x)) is accumulated into the
   base output in place (``addmm_``);
@@ -90,20 +91,25 @@ def splitmix64(seed: int, start: int, z: Tensor, tmp: Tensor) -> Tensor:
     return _xorshift_right(z, 31, tmp)
 
 
-def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """Bernoulli(1 - p) mask of ``shape`` as booleans (True kept): a pure function of (seed, shape, p).
+def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device, *,
+              dtype: torch.dtype = torch.bool) -> Tensor:
+    """Bernoulli(1 - p) mask of ``shape``: a pure function of (seed, shape, p), as booleans (True kept) or, with a
+    16-bit float ``dtype``, as its 1.0 and 0.0 (``mask_dtype``).
 
     16 random bits per element, four per 64-bit SplitMix64 word (``splitmix64``: 11 vectorized integer ops per chunk
     of 2¹⁶ words; 1024 x 2816 elements took 1.35-1.6 ms on an EPYC against 2.4-2.7 ms with torch's mt19937
     ``random_``, and ``bernoulli_`` takes 4 ms per million); a 16-bit integer r is kept iff r >= round(p·2¹⁶) - 2¹⁵,
     compared into int16 and narrowed into the mask's bytes: a compare straight into bool is 10x slower, and the whole
-    mask takes 1.86 ms this way against 2.37 ms (median of 300, Xeon, 2 threads, 2026-12-04). No float mask:
-    ``apply_keep`` multiplies by it in the input's own dtype, bfloat16 included. The same integer arithmetic on
-    every device and CPU kernel, so the same mask.
+    mask takes 1.86 ms this way against 2.37 ms (median of 300, Xeon, 2 threads, 2026-12-04). A 16-bit float mask is
+    the compare's 0/1 times the bit pattern of 1.0, written into the mask's int16 view. The same integer arithmetic
+    on every device and CPU kernel, so the same mask.
     """
     n = math.prod(shape)
-    keep = torch.empty(shape, dtype=torch.bool, device=device)
-    flat = keep.view(-1).view(torch.uint8)  # the mask's bytes: 0 or 1
+    keep = torch.empty(shape, dtype=dtype, device=device)
+    if dtype == torch.bool:
+        flat, one = keep.view(-1).view(torch.uint8), 1  # the mask's bytes: 0 or 1
+    else:  # bfloat16 1.0 is 0x3F80, float16 1.0 is 0x3C00
+        flat, one = keep.view(-1).view(torch.int16), int(torch.ones((), dtype=dtype).view(torch.int16))
     words = (n + 3) // 4
     z = torch.empty(min(words, _WORDS), dtype=torch.int64, device=device)
     tmp = torch.empty_like(z)
@@ -114,8 +120,18 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device)
         k = min(4 * m, n - 4 * w)
         c = tmp[:m].view(torch.int16)[:k]  # r >= t as 0/1 in int16 (5 µs per 2¹⁸, against 45-65 µs into bool) ...
         torch.ge(r[:k], t, out=c)
-        flat[4 * w:4 * w + k].copy_(c)  # ... narrowed to the mask's bytes (4 µs)
+        if one == 1:
+            flat[4 * w:4 * w + k].copy_(c)  # ... narrowed to the mask's bytes (4 µs)
+        else:
+            torch.mul(c, one, out=flat[4 * w:4 * w + k])  # ... or made 0.0 / 1.0 (11 µs)
     return keep
+
+
+def mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved mask for inputs of ``dtype``: their own for bfloat16/float16, whose multiply with a
+    uint8 mask first converts the mask to a full-size temporary (1024 x 1024 bfloat16: 0.22 ms against 0.12 ms with a
+    bfloat16 mask), and bool (1 byte per value) otherwise."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bool
 
 
 def keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
@@ -124,18 +140,20 @@ def keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device)
 
 
 def apply_keep(x: Tensor, keep: Tensor, *, out: Tensor | None = None) -> Tensor:
-    """x ⊙ keep for a boolean mask, in x's dtype (``out=x``: in place): a multiply by the mask's bytes viewed as uint8.
+    """x ⊙ keep, in x's dtype (``out=x``: in place): a multiply by a mask of x's dtype, or by a boolean mask's bytes
+    viewed as uint8.
 
-    Measured on this CPU (1024 x 1024, 2 threads): 0.15 ms in bfloat16 and 0.11 ms in float32, against 0.63 ms for
-    ``torch.where(keep, x, 0)`` (not vectorized) and 0.81 ms for a multiply by the boolean tensor itself (which
-    converts it on the fly). Dropped entries are x·0, as in ``nn.Dropout`` (a NaN or inf input gives NaN there).
+    Measured on an EPYC (1024 x 1024, 2 threads): 0.15 ms in bfloat16 and 0.11 ms in float32 with a boolean mask,
+    against 0.63 ms for ``torch.where(keep, x, 0)`` (not vectorized) and 0.81 ms for a multiply by the boolean tensor
+    itself (which converts it on the fly); a bfloat16 mask saves the uint8 mask's conversion (``mask_dtype``).
+    Dropped entries are x·0, as in ``nn.Dropout`` (a NaN or inf input gives NaN there).
     """
-    return torch.mul(x, keep.view(torch.uint8), out=out)
+    return torch.mul(x, keep if keep.dtype == x.dtype else keep.view(torch.uint8), out=out)
 
 
 def dropout(x: Tensor, seed: int, p: float) -> Tensor:
     """drop(x) = x ⊙ keep / (1 - p), with the mask of ``keep_bits``."""
-    return apply_keep(x, keep_bits(seed, tuple(x.shape), p, x.device)).mul_(keep_scale(p))
+    return apply_keep(x, keep_bits(seed, tuple(x.shape), p, x.device, dtype=mask_dtype(x.dtype))).mul_(keep_scale(p))
 
 
 _last_seed: dict = {"ref": None, "version": -1, "p": -1.0, "seed": 0}
@@ -216,7 +234,7 @@ def _dropped(x2: Tensor, seed: int, p: float, phase: str, owner: int,
     _shared["bwd" if phase == "fwd" else "fwd"].close()
 
     def compute():
-        mask = keep_bits(seed, tuple(x2.shape), p, x2.device) if keep is None else keep  # (N, in), bool
+        mask = keep_bits(seed, tuple(x2.shape), p, x2.device, dtype=mask_dtype(x2.dtype)) if keep is None else keep
         return apply_keep(x2, mask), mask
 
     shape = tuple(x2.shape)  # plain ints: comparing torch.Size is slower
@@ -264,7 +282,7 @@ class LoraLinear(torch.autograd.Function):
     """The LoRA (``magnitude`` None) or DoRA linear layer; ``norm`` is DoRA's detached ||W0 + s·B·A||_row.
 
     Saves the rank-r intermediate A·(x ⊙ keep) (N, r), x (with dropout over a frozen weight: x ⊙ keep in its place),
-    the boolean dropout mask and, for DoRA, the output (which the next op often saves anyway: v, gate, up);
+    the dropout mask and, for DoRA, the output (which the next op often saves anyway: v, gate, up);
     adapters reading one input save the same tensors. The output must not be modified in place before backward
     (autograd reports it if it is).
     """

@@ -84,6 +84,15 @@ def test_keep_bits_are_splitmix64_words_compared_with_p():
                                                    dtype=torch.float64), rtol=0, atol=4e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_masks_are_the_boolean_masks_as_zeros_and_ones(dtype):
+    for shape in ((1024, 2816), (7, 13), (3, 1 << 17)):  # whole chunks, a tail shorter than one word, several chunks
+        keep = fused.keep_bits(9, shape, 0.05, torch.device("cpu"))
+        half = fused.keep_bits(9, shape, 0.05, torch.device("cpu"), dtype=dtype)
+        assert half.dtype == dtype and torch.equal(half, keep.to(dtype))
+    assert fused.mask_dtype(dtype) == dtype and fused.mask_dtype(torch.float32) == torch.bool
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_apply_keep_zeroes_exactly_the_dropped_entries(dtype):
     keep = fused.keep_bits(5, (37, 53), 0.3, torch.device("cpu"))
@@ -92,6 +101,7 @@ def test_apply_keep_zeroes_exactly_the_dropped_entries(dtype):
     want = torch.where(keep, x, torch.zeros((), dtype=dtype))
     got = fused.apply_keep(x, keep)
     assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(fused.apply_keep(x, keep.to(dtype)), want)  # a mask of x's own dtype (mask_dtype)
     assert torch.equal(x, before)  # out of place: x untouched
     assert fused.apply_keep(x, keep, out=x) is x and torch.equal(x, want)  # in place
     x = torch.ones(4, 4, dtype=dtype, requires_grad=True)  # differentiable in x (the reference path's dropout)
@@ -382,7 +392,7 @@ def test_shared_input_is_computed_once_and_released(path, monkeypatch):
     path(True)
     calls = []
     make = fused.keep_bits
-    monkeypatch.setattr(fused, "keep_bits", lambda *a: calls.append(a) or make(*a))
+    monkeypatch.setattr(fused, "keep_bits", lambda *a, **k: calls.append(a) or make(*a, **k))
     model = attached(tiny_llama, "lora", 0.1, target_modules="all-linear")
     for _ in range(3):
         calls.clear()
