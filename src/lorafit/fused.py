@@ -71,6 +71,7 @@ def _int64(v: int) -> int:
 _GAMMA, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
 _WORDS = 1 << 16  # 64-bit words per chunk (4 mask elements each): 512 KB buffers, robust to page faults
 _counters: dict = {}  # device -> (_WORDS,) int64 constant (i+1)·γ
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0's bits, as int16
 
 
 def _xorshift_right(z: Tensor, k: int, tmp: Tensor) -> Tensor:
@@ -108,8 +109,8 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
     keep = torch.empty(shape, dtype=dtype, device=device)
     if dtype == torch.bool:
         flat, one = keep.view(-1).view(torch.uint8), 1  # the mask's bytes: 0 or 1
-    else:  # bfloat16 1.0 is 0x3F80, float16 1.0 is 0x3C00
-        flat, one = keep.view(-1).view(torch.int16), int(torch.ones((), dtype=dtype).view(torch.int16))
+    else:
+        flat, one = keep.view(-1).view(torch.int16), _ONE_BITS[dtype]
     words = (n + 3) // 4
     z = torch.empty(min(words, _WORDS), dtype=torch.int64, device=device)
     tmp = torch.empty_like(z)
