@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from helpers import make_data, make_model_dir
+from lorafit.advise.plan import estimate_memory
+
+from helpers import make_data, make_model_dir, tiny_llama
 
 
 def lorafit(*args, timeout=900):
@@ -109,3 +112,12 @@ def test_plan_cli_quantize_defaults_to_bfloat16(tmp_path, capsys):
     code, out, err = run_cli(capsys, "plan", "--model", folder, "--quantize", "int8", "--dtype", "float32", "--json")
     assert code == 0, err
     assert json.loads(out)["quantized"] == 14
+
+
+def test_dropout_masks_cost_one_byte_per_adapted_value_two_over_bfloat16():
+    inputs, tokens = 1000, 4 * 16  # adapted input values per token, tokens
+    for dtype, mask in ((torch.float32, 1), (torch.bfloat16, 2)):
+        model = tiny_llama().to(dtype)
+        act = [estimate_memory(model, 0, batch_size=4, max_length=16, runtime=0, adapter_inputs=inputs,
+                               dropout=p).activations for p in (0.0, 0.1)]
+        assert act[1] - act[0] == tokens * inputs * mask, dtype  # fused.mask_dtype: bfloat16 inputs, bfloat16 masks

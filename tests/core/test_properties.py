@@ -5,10 +5,14 @@ with non-zero adapters (init_lora_weights=False, then perturbed):
 
 * the adapted model (unmerged, and merged) computes the base model with every adapted weight replaced by
   W0 + s·B·A (LoRA) or m ⊙ (W0 + s·B·A) / ||W0 + s·B·A||_row (DoRA), s = alpha / r or alpha / sqrt(r) (RSLoRA),
-  evaluated in float64; tolerance (float32): 1e-5 of the reference output's largest |value|, plus 10x the error
+  evaluated in float64; tolerance (float32): 2e-4 of the reference output's largest |value|, plus 10x the error
   that the reference itself makes when evaluated in float32 (small adapters: ~1e-7; a rank-1 DoRA with a large
-  scale makes attention ill-conditioned, and there float32 alone is off by ~1e-5); measured at most 1/10 of that
-  bound under ATEN_CPU_CAPABILITY=default, avx2 and avx512;
+  scale makes attention ill-conditioned, and there float32 alone is off by ~1e-5). The first term was 1e-5 until
+  rank-1 RSLoRA adapters with s = 12.6 on every Llama linear failed it under ATEN_CPU_CAPABILITY=avx2 (2026-12-04):
+  large rank-1 updates of q and k make attention sharp, so a 1-ulp difference in a weight or an intermediate moves
+  the output by up to 8e-5 of its largest |value| (unmerged and merged alike), while the float32 reference's own
+  error, one sample of that rounding, can be 10-30x smaller. Those cases use up to 0.55 of the new bound; 2500
+  random examples under avx2 at most 0.22 (0.87 of the old bound);
 * save then load is the identity (bit-exact);
 * inside ``disabled`` the model is the base model (bit-exact);
 * merging into a float16/bfloat16 base rounds the float32 result once: within one ulp (plus float32 rounding) of
@@ -34,7 +38,7 @@ from lorafit import LoraConfig
 
 from helpers import example_input, perturb_trainable, run, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
 
-TOL = 1e-5  # float32 (~80 ulps), relative to max |reference output|, plus 10x the float32 reference's own error
+TOL = 2e-4  # float32 (~1600 ulps), relative to max |reference output|, plus 10x the float32 reference's own error
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 pytestmark = pytest.mark.usefixtures("one_thread")

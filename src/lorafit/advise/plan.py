@@ -10,8 +10,8 @@ Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
   + adapter      16 bytes per trainable parameter: fp32 value, gradient and AdamW's two moments
   + activations  what backward keeps per token and layer, in the base's dtype (decoder transformer: ~10·H + 4·kv +
                  4·I values; with gradient checkpointing only each layer's input), plus each distinct input of an
-                 adapted module (A's gradient needs it; with dropout, its boolean mask too: 1 more byte per
-                 value), plus the logits and their loss tensors (~4·V)
+                 adapted module (A's gradient needs it; with dropout, its mask too: 1 more byte per value, 2
+                 over a bfloat16 base, whose masks are bfloat16), plus the logits and their loss tensors (~4·V)
 
 The activation coefficients were calibrated against measured peak RSS (tests/test_plan.py checks the estimate is
 within 25% of a real run).
@@ -24,6 +24,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..config import LoraConfig
@@ -119,7 +120,8 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
                     gradient_checkpointing: bool = False, runtime: int | None = None,
                     adapter_inputs: int = 0, quantize: str | None = None, dropout: float = 0.0) -> MemoryEstimate:
     """Peak training memory, by parts (see the module docstring); ``quantize``: the base's nf4/int8 linears;
-    ``dropout`` > 0 adds the saved boolean mask of each adapted input (1 byte per value)."""
+    ``dropout`` > 0 adds the saved mask of each adapted input (1 byte per value; 2 over a bfloat16 base, where the
+    adapter's products and so its masks are bfloat16)."""
     cfg = getattr(model, "config", None)
     get = lambda *names, default=0: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa
     hidden = get("hidden_size", "n_embd", "d_model")
@@ -129,7 +131,9 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
     kv = get("num_key_value_heads", default=heads) * (hidden // max(heads, 1))
     vocab = get("vocab_size")
     # activations run in the base's dtype (bfloat16 bases, QLoRA's bf16 compute: 2 bytes; float32: 4)
-    act_bytes = min(4, next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    act_bytes = min(4, dtype.itemsize)
+    mask_bytes = (2 if dtype == torch.bfloat16 else 1) if dropout > 0 else 0
     tokens = batch_size * max_length
     per_token_layer = hidden if gradient_checkpointing else 10 * hidden + 4 * kv + 4 * inter
     per_token_adapters = 0 if gradient_checkpointing else adapter_inputs
@@ -137,7 +141,7 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
         runtime=(runtime if runtime is not None else current_rss()) + TOKENIZER_AND_DATA,
         weights=weight_bytes(model, quantize),
         adapter=16 * n_adapter,
-        activations=tokens * (layers * per_token_layer * act_bytes + per_token_adapters * (act_bytes + (dropout > 0))),
+        activations=tokens * (layers * per_token_layer * act_bytes + per_token_adapters * (act_bytes + mask_bytes)),
         logits=4 * tokens * vocab * 4,
     )
 
