@@ -149,7 +149,11 @@ def apply_keep(x: Tensor, keep: Tensor, *, out: Tensor | None = None) -> Tensor:
     itself (which converts it on the fly); a bfloat16 mask saves the uint8 mask's conversion (``mask_dtype``).
     Dropped entries are x·0, as in ``nn.Dropout`` (a NaN or inf input gives NaN there).
     """
-    return torch.mul(x, keep if keep.dtype == x.dtype else keep.view(torch.uint8), out=out)
+    if keep.dtype == torch.bool:
+        keep = keep.view(torch.uint8)
+    elif keep.dtype != x.dtype:  # a float mask of another dtype (0 and 1 are exact in every one)
+        keep = keep.to(x.dtype)
+    return torch.mul(x, keep, out=out)
 
 
 def dropout(x: Tensor, seed: int, p: float) -> Tensor:

@@ -102,6 +102,8 @@ def test_apply_keep_zeroes_exactly_the_dropped_entries(dtype):
     got = fused.apply_keep(x, keep)
     assert got.dtype == dtype and torch.equal(got, want)
     assert torch.equal(fused.apply_keep(x, keep.to(dtype)), want)  # a mask of x's own dtype (mask_dtype)
+    other = fused.apply_keep(x, keep.to(torch.bfloat16))  # or of another float dtype
+    assert other.dtype == dtype and torch.equal(other, want)
     assert torch.equal(x, before)  # out of place: x untouched
     assert fused.apply_keep(x, keep, out=x) is x and torch.equal(x, want)  # in place
     x = torch.ones(4, 4, dtype=dtype, requires_grad=True)  # differentiable in x (the reference path's dropout)
