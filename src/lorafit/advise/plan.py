@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import fused
 from ..config import LoraConfig
 from ..layers import adapter_shapes, magnitude_shape
 from ..targets import Target, output_layer_names, select_targets
@@ -133,7 +134,9 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
     # activations run in the base's dtype (bfloat16 bases, QLoRA's bf16 compute: 2 bytes; float32: 4)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     act_bytes = min(4, dtype.itemsize)
-    mask_bytes = (2 if dtype == torch.bfloat16 else 1) if dropout > 0 else 0
+    # the adapter's input (and so its mask, fused.mask_dtype) is bfloat16 over a bfloat16 base, else float32
+    compute = torch.bfloat16 if dtype == torch.bfloat16 and fused.BF16_COMPUTE else torch.float32
+    mask_bytes = fused.mask_dtype(compute).itemsize if dropout > 0 else 0
     tokens = batch_size * max_length
     per_token_layer = hidden if gradient_checkpointing else 10 * hidden + 4 * kv + 4 * inter
     per_token_adapters = 0 if gradient_checkpointing else adapter_inputs
