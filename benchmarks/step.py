@@ -406,6 +406,11 @@ def main() -> None:
           f"(+{args.warmup} warmup), medians; "
           f"load average {os.getloadavg()[0]:.1f} at start"
           + (f"; GLIBC_TUNABLES={RETAIN_HEAP}" if args.retain_heap else "; default malloc"), flush=True)
+    if args.dtype != "float32":  # what the CPU's half matmuls are worth: every ratio to the floor depends on it
+        from lorafit.hf import bf16_speed, native_bf16
+        torch.set_num_threads(args.threads)
+        print(f"# {native_bf16('cpu')[1]}; 256x256 bf16 matmuls run {bf16_speed():.2f}x as fast as float32 "
+              f"({args.threads} threads)", flush=True)
     for model_name in args.models:
         if model_name == "smollm2-135m" and smollm2_path() is None:
             print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.demo.assets as a; a.smollm2()')")

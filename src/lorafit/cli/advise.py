@@ -38,7 +38,7 @@ def _base_settings(args: argparse.Namespace) -> dict:
     if demo:
         settings.update(DEFAULT_JOB)
     settings.update(yaml_cfg)
-    if "dtype" not in settings:  # the dtype lorafit train would pick (bfloat16 for the demo on a bf16 CPU)
+    if "dtype" not in settings:  # the dtype lorafit train would pick (bfloat16 for the demo where bf16 times faster)
         dtype, _ = default_dtype(demo=demo, quantize=settings.get("quantize"))
         settings.update({"dtype": dtype} if dtype else {})
     settings["save_every"] = 0  # sweep points are short; a finished point is the unit of resumption

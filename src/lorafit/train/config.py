@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..hf import DTYPES, native_bf16
+from ..hf import BF16_MIN_SPEEDUP, DTYPES, bf16_speed, native_bf16
 from ..quant import FORMATS
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -95,7 +95,7 @@ class TrainConfig:
     save_every: int = setting(0, "checkpoint every N steps; 0 = never", COUNT)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", SWITCH)
     dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES) + "; when unset, bfloat16 with "
-                         "--quantize and in the default job on a CPU with bf16 instructions", one_of(tuple(DTYPES)))
+                         "--quantize and in the default job on a CPU whose bf16 matmuls time faster", one_of(tuple(DTYPES)))
     quantize: Optional[str] = setting(None, "store the frozen base linears as " + " or ".join(FORMATS) + " (QLoRA, "
                                       "via torchao; the adapter stays float32)",
                                       Check(lambda v: v is None or v in FORMATS, ", ".join(FORMATS) + " or null"))
@@ -152,8 +152,10 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     float32.
 
     With ``quantize``: bfloat16, QLoRA's recipe (NF4 storage, bf16 compute; Dettmers et al. 2023, §3). The default
-    job: bfloat16 on a CPU with bf16 instructions (measured on avx512_bf16: the same 0.875 accuracy as float32 in
-    56 s against 119 s), float32 elsewhere, where bf16 is emulated and slower.
+    job: bfloat16 on a CPU with bf16 instructions whose bf16 matmuls also time at least ``BF16_MIN_SPEEDUP`` x
+    float32's (``hf.bf16_speed``, ~5 ms), float32 elsewhere. Both halves matter: an EPYC with avx512_bf16 ran the
+    job at the same 0.875 accuracy in 56 s against float32's 119 s, an Intel Xeon with avx512_bf16 but no AMX in
+    202 s against 111 s (its bf16 matmuls: 0.55x float32's), and without bf16 instructions it is emulated.
     """
     if quantize:
         return "bfloat16", (f"dtype bfloat16: {quantize} base weights with bfloat16 compute, QLoRA's recipe "
@@ -161,10 +163,15 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     if not demo:
         return None, ""
     native, why = native_bf16("cpu")
-    if native:
-        return "bfloat16", (f"dtype bfloat16: {why}, and the default job runs ~2x faster in bfloat16 at the same "
-                            "accuracy (--dtype float32 for the float32 run)")
-    return "float32", f"dtype float32: {why}, so bfloat16 would be emulated and slower"
+    if not native:
+        return "float32", f"dtype float32: {why}, so bfloat16 would be emulated and slower"
+    speed = bf16_speed()
+    if speed >= BF16_MIN_SPEEDUP:
+        return "bfloat16", (f"dtype bfloat16: {why} and its bf16 matmuls run {speed:.1f}x as fast as float32 "
+                            "(timed now), at the same accuracy in the default job (--dtype float32 for the "
+                            "float32 run)")
+    return "float32", (f"dtype float32: {why}, but its bf16 matmuls run only {speed:.2g}x as fast as float32 (timed "
+                       "now), so float32 is faster (--dtype bfloat16 for the bfloat16 run)")
 
 
 def settings() -> list[dataclasses.Field]:
