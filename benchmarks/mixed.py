@@ -181,7 +181,8 @@ def main(argv=None) -> None:
     dec = {k: statistics.median(v) * 1e3 for k, v in decode.items()}
     print(f"\n(f) decode, {args.decode_batch} mixed rows, {args.decode_tokens} new tokens after a {args.prompt}-token "
           f"prompt: base model {dec['base']:.1f} ms/token, lorafit per_row {dec['lorafit']:.1f} ms/token, PEFT "
-          f"{dec['PEFT']:.1f} ms/token (overheads {dec['lorafit'] - dec['base']:+.1f} vs {dec['PEFT'] - dec['base']:+.1f}), "
+          f"{dec['PEFT']:.1f} ms/token (overheads {dec['lorafit'] - dec['base']:+.1f} vs "
+          f"{dec['PEFT'] - dec['base']:+.1f}), "
           f"PEFT / lorafit = {dec['PEFT'] / dec['lorafit']:.2f}x")
     b = over["b one adapter, unmerged (lorafit)"]
     print(f"\ntargets: d's overhead / b's = {d / b:.2f} (<= 1.5); d's overhead / e's = {d / e:.2f} (<= 0.5); "

@@ -28,7 +28,8 @@ from .advise.probe import probe  # noqa: E402
 from .advise.suggest import suggest  # noqa: E402
 
 __all__ = ["LoraConfig", "ConfigError", "AdapterError", "DataError", "TrainingError", "LoraLayer", "attach", "load",
-           "save", "merge", "disabled", "trainable_parameters", "adapter_layers", "adapters", "set_active", "delete", "per_row",
+           "save", "merge", "disabled", "trainable_parameters", "adapter_layers", "adapters", "set_active", "delete",
+           "per_row",
            "combine", "quantize", "dequantize",
            "plan", "probe", "suggest",
            "__version__"]

@@ -47,7 +47,7 @@ def test_point_config_resolves_targets_per_architecture():
 
 
 def test_pareto_front():
-    rows = [{"name": n, "trainable": t, "eval_loss": l} for n, t, l in
+    rows = [{"name": n, "trainable": t, "eval_loss": loss} for n, t, loss in
             [("a", 100, 1.0), ("b", 200, 0.8), ("c", 300, 0.9), ("d", 400, 0.5), ("e", 100, 1.2), ("f", 50, 2.0)]]
     assert pareto_front(rows) == {"f", "a", "b", "d"}
 

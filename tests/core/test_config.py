@@ -37,7 +37,8 @@ BAD = [
     ("rank_pattern", dict(rank_pattern={"(": 4})), ("rank_pattern", dict(rank_pattern=["q_proj"])),
     ("alpha_pattern", dict(alpha_pattern={"q_proj": -1})),
     ("modules_to_save", dict(modules_to_save=[1])),
-    ("use_dora", dict(use_dora="yes")), ("use_rslora", dict(use_rslora=1)), ("fan_in_fan_out", dict(fan_in_fan_out=None)),
+    ("use_dora", dict(use_dora="yes")), ("use_rslora", dict(use_rslora=1)),
+    ("fan_in_fan_out", dict(fan_in_fan_out=None)),
 ]
 
 
@@ -60,7 +61,8 @@ def test_reads_peft_written_config(tmp_path):
     ref = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"], use_rslora=True, lora_dropout=0.1)
     ref.save_pretrained(tmp_path)
     cfg = LoraConfig.from_json(tmp_path / "adapter_config.json")
-    assert (cfg.r, cfg.lora_alpha, cfg.target_modules, cfg.use_rslora, cfg.lora_dropout) == (4, 12, ["q_proj"], True, 0.1)
+    got = (cfg.r, cfg.lora_alpha, cfg.target_modules, cfg.use_rslora, cfg.lora_dropout)
+    assert got == (4, 12, ["q_proj"], True, 0.1)
 
 
 def test_unknown_keys_warn_when_reading_adapters_and_fail_in_strict_mode():

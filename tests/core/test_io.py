@@ -41,7 +41,8 @@ def test_files_and_keys(adapter):
     assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is True
-    assert cfg["target_modules"] == sorted(f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj"))
+    assert cfg["target_modules"] == sorted(f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
+                                           for p in ("q_proj", "v_proj"))
     keys = load_file(path / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys

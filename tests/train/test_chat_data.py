@@ -122,7 +122,8 @@ def test_truncation_keeps_the_last_complete_turn_that_fits_and_drops_the_rest():
 def test_a_template_that_rewrites_earlier_turns_is_refused():
     """Rendering a prefix must give a prefix of the whole; a template that renders the last turn differently
     (here: every earlier assistant turn is shortened) cannot be masked by prefixes."""
-    rewriting = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and not loop.last %}"
+    rewriting = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                 "{% if m['role'] == 'assistant' and not loop.last %}"
                  "...{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(DataError, match="token boundaries do not line up at message 3"):

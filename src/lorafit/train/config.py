@@ -95,7 +95,8 @@ class TrainConfig:
     save_every: int = setting(0, "checkpoint every N steps; 0 = never", COUNT)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", SWITCH)
     dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES) + "; when unset, bfloat16 with "
-                         "--quantize and in the default job on a CPU whose bf16 matmuls time faster", one_of(tuple(DTYPES)))
+                         "--quantize and in the default job on a CPU whose bf16 matmuls time faster",
+                         one_of(tuple(DTYPES)))
     quantize: Optional[str] = setting(None, "store the frozen base linears as " + " or ".join(FORMATS) + " (QLoRA, "
                                       "via torchao; the adapter stays float32)",
                                       Check(lambda v: v is None or v in FORMATS, ", ".join(FORMATS) + " or null"))

@@ -19,7 +19,8 @@ def plot_run(metrics: list[dict], path: Path, title: str = "lorafit") -> Path:
     ax1.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     if len(losses) >= 5:
         k = max(2, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
         ax1.plot(steps, smooth, lw=2, label=f"moving average ({k})")
     ax1.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
     ax1.grid(alpha=0.3)
