@@ -39,6 +39,19 @@ def test_import_lorafit_loads_no_optional_dependency():
     assert not mine & {"transformers", "yaml", "matplotlib"}
 
 
+def test_torch_dynamo_waits_for_the_first_adapter():
+    """``import lorafit`` leaves torch._dynamo unloaded (1.4 s); building an adapter puts the fused path behind
+    torch.compiler.disable (``layers.compile_boundaries``)."""
+    code = ("import sys, torch, lorafit\nfrom lorafit import fused, layers\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "lorafit.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)), lorafit.LoraConfig(r=2, target_modules=['0']))\n"
+            "assert 'torch._dynamo' in sys.modules\n"
+            "assert layers.LoraLayer.fused_forward._lorafit_eager and fused.SeededDropout.forward._lorafit_eager\n"
+            "f = layers.LoraLayer.fused_forward\nlayers.compile_boundaries()\n"
+            "assert layers.LoraLayer.fused_forward is f  # once")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_import_lorafit_works_without_tqdm():
     code = ("import sys; sys.modules['tqdm'] = None\nimport lorafit\n"
             "assert all(callable(f) for f in (lorafit.suggest, lorafit.plan, lorafit.probe))")

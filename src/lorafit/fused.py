@@ -179,9 +179,9 @@ def dropout_seed(x: Tensor, p: float) -> int:
 
 class SeededDropout(nn.Dropout):
     """nn.Dropout whose mask comes from ``dropout_seed``/``keep_bits``: the reference path's dropout, drawing exactly
-    the masks the fused path draws. ``source`` is the tensor the layer received (the seed is keyed on it)."""
+    the masks the fused path draws. ``source`` is the tensor the layer received (the seed is keyed on it). Not traced
+    by torch.compile (``layers.compile_boundaries``)."""
 
-    @torch.compiler.disable
     def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
         if not self.training or self.p == 0:
             return x

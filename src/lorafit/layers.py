@@ -80,6 +80,20 @@ def magnitude_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
     return (1, n_out, *([1] * (module.weight.dim() - 2))) if kind == "conv" else (n_out,)
 
 
+def compile_boundaries() -> None:
+    """Put ``LoraLayer.fused_forward`` and ``SeededDropout.forward`` behind ``torch.compiler.disable`` (torch.compile
+    runs them eagerly, between graphs: an autograd function with seeded masks), once, when the first adapter is
+    built. Not at import: ``torch.compiler.disable`` imports torch._dynamo, which took 1.4 s of ``import lorafit``'s
+    3.0 s (2026-12-06), and commands that build no adapter (help, bad input, plan, inspect) need none of it. A model
+    unpickled in a fresh process builds no adapter: call this before compiling it."""
+    for cls, name in ((LoraLayer, "fused_forward"), (fused.SeededDropout, "forward")):
+        fn = cls.__dict__[name]
+        if not getattr(fn, "_lorafit_eager", False):
+            fn = torch.compiler.disable(fn)
+            fn._lorafit_eager = True
+            setattr(cls, name, fn)
+
+
 class Adapter(nn.Module):
     """One named low-rank update: ``lora_A`` (r, in), ``lora_B`` (out, r), DoRA's ``lora_magnitude`` (out,), its
     scale s and its (seeded) dropout."""
@@ -87,6 +101,7 @@ class Adapter(nn.Module):
     def __init__(self, base: nn.Module, kind: str, r: int, alpha: float, scale: float, *,
                  dropout: float = 0.0, use_dora: bool = False) -> None:
         super().__init__()
+        compile_boundaries()
         self.r, self.alpha, self.scaling, self.use_dora = r, alpha, scale, use_dora
         w = base.weight
         # fp16/bf16 bases get float32 adapters (as PEFT's autocast_adapter_dtype): small updates survive rounding;
@@ -253,9 +268,9 @@ class LoraLayer(nn.Module):
             out = out + delta.to(out.dtype)
         return out
 
-    @torch.compiler.disable
     def fused_forward(self, x: Tensor, ad: Adapter | None = None) -> Tensor:
-        """The same function as ``forward``'s reference path, as one autograd function (``fused.lora_linear``)."""
+        """The same function as ``forward``'s reference path, as one autograd function (``fused.lora_linear``); not
+        traced by torch.compile (``compile_boundaries``)."""
         ad = self.adapter if ad is None else ad
         w0_sq = None
         if ad.use_dora:
