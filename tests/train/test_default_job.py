@@ -67,6 +67,17 @@ def test_the_default_job_stays_float32_where_bf16_instructions_time_slower(speed
                     "float32 (timed now), so float32 is faster (--dtype bfloat16 for the bfloat16 run)")
 
 
+def test_a_multi_process_default_job_stays_float32_untimed(monkeypatch):
+    def no_timing():
+        raise AssertionError("timed in a multi-process run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    settings, note = settings_of(monkeypatch=monkeypatch)
+    monkeypatch.setattr(train_config, "bf16_speed", no_timing)
+    assert train_config.default_dtype(demo=True, quantize=None)[0] == settings["dtype"] == "float32"
+    assert note == ("dtype float32: the CPU has avx512_bf16, but the ranks of a multi-process run would each time "
+                    "bf16 by themselves and could disagree (--dtype bfloat16 for the bfloat16 run)")
+
+
 def test_the_bf16_speed_is_timed_only_where_the_cpu_has_bf16(monkeypatch):
     def no_timing():
         raise AssertionError("timed without bf16 instructions")

@@ -156,7 +156,8 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     job: bfloat16 on a CPU with bf16 instructions whose bf16 matmuls also time at least ``BF16_MIN_SPEEDUP`` x
     float32's (``hf.bf16_speed``, ~5 ms), float32 elsewhere. Both halves matter: an EPYC with avx512_bf16 ran the
     job at the same 0.875 accuracy in 56 s against float32's 119 s, an Intel Xeon with avx512_bf16 but no AMX in
-    202 s against 111 s (its bf16 matmuls: 0.55x float32's), and without bf16 instructions it is emulated.
+    202 s against 111 s (its bf16 matmuls: 0.55x float32's), and without bf16 instructions it is emulated. A
+    torchrun launch (WORLD_SIZE > 1) stays float32: every rank parses the settings, and timings could disagree.
     """
     if quantize:
         return "bfloat16", (f"dtype bfloat16: {quantize} base weights with bfloat16 compute, QLoRA's recipe "
@@ -166,6 +167,9 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     native, why = native_bf16("cpu")
     if not native:
         return "float32", f"dtype float32: {why}, so bfloat16 would be emulated and slower"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a timing per rank could differ between ranks
+        return "float32", (f"dtype float32: {why}, but the ranks of a multi-process run would each time bf16 by "
+                           "themselves and could disagree (--dtype bfloat16 for the bfloat16 run)")
     speed = bf16_speed()
     if speed >= BF16_MIN_SPEEDUP:
         return "bfloat16", (f"dtype bfloat16: {why} and its bf16 matmuls run {speed:.1f}x as fast as float32 "
