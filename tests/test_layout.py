@@ -39,9 +39,9 @@ def test_import_lorafit_loads_no_optional_dependency():
     assert not mine & {"transformers", "yaml", "matplotlib"}
 
 
-def test_torch_dynamo_waits_for_the_first_adapter():
-    """``import lorafit`` leaves torch._dynamo unloaded (1.4 s); building an adapter puts the fused path behind
-    torch.compiler.disable (``layers.compile_boundaries``)."""
+def test_torch_dynamo_waits_for_the_first_adapter(tmp_path):
+    """``import lorafit`` leaves torch._dynamo unloaded (1.4 s); building an adapter, or unpickling one, puts the
+    fused path behind torch.compiler.disable (``layers.compile_boundaries``)."""
     code = ("import sys, torch, lorafit\nfrom lorafit import fused, layers\n"
             "assert 'torch._dynamo' not in sys.modules\n"
             "model = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
@@ -49,8 +49,15 @@ def test_torch_dynamo_waits_for_the_first_adapter():
             "assert 'torch._dynamo' in sys.modules\n"
             "assert layers.LoraLayer.fused_forward._lorafit_eager and fused.SeededDropout.forward._lorafit_eager\n"
             "f = layers.LoraLayer.fused_forward\nlayers.compile_boundaries()\n"
-            "assert layers.LoraLayer.fused_forward is f  # once")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+            "assert layers.LoraLayer.fused_forward is f  # once\n"
+            "torch.save(model, sys.argv[1])")
+    saved = tmp_path / "model.pt"
+    subprocess.run([sys.executable, "-c", code, str(saved)], check=True, timeout=300)
+    code = ("import sys, torch\nfrom lorafit import fused, layers\n"
+            "model = torch.load(sys.argv[1], weights_only=False)  # a whole model, unpickled in a fresh process\n"
+            "assert layers.LoraLayer.fused_forward._lorafit_eager and fused.SeededDropout.forward._lorafit_eager\n"
+            "torch.compile(model, backend='eager')(torch.randn(2, 4)).sum().backward()")
+    subprocess.run([sys.executable, "-c", code, str(saved)], check=True, timeout=300)
 
 
 def test_import_lorafit_works_without_tqdm():

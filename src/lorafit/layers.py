@@ -84,8 +84,8 @@ def compile_boundaries() -> None:
     """Put ``LoraLayer.fused_forward`` and ``SeededDropout.forward`` behind ``torch.compiler.disable`` (torch.compile
     runs them eagerly, between graphs: an autograd function with seeded masks), once, when the first adapter is
     built. Not at import: ``torch.compiler.disable`` imports torch._dynamo, which took 1.4 s of ``import lorafit``'s
-    3.0 s (2026-12-06), and commands that build no adapter (help, bad input, plan, inspect) need none of it. A model
-    unpickled in a fresh process builds no adapter: call this before compiling it."""
+    3.0 s (2026-12-06), and commands that build no adapter (help, bad input, plan, inspect) need none of it. An
+    adapter unpickled in a fresh process calls it too (``Adapter.__setstate__``)."""
     for cls, name in ((LoraLayer, "fused_forward"), (fused.SeededDropout, "forward")):
         fn = cls.__dict__[name]
         if not getattr(fn, "_lorafit_eager", False):
@@ -115,6 +115,10 @@ class Adapter(nn.Module):
         # a seeded nn.Dropout: its masks are the fused path's masks (embeddings take ids: no dropout, as PEFT)
         self.dropout = fused.SeededDropout(dropout if kind != "embedding" else 0.0)
         self.w0_sq: tuple | None = None  # DoRA: (weight key, ||W0_i||²), recomputed only when the weight changes
+
+    def __setstate__(self, state: dict) -> None:  # unpickled (torch.load of a whole model) or deep-copied
+        compile_boundaries()
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}" + (", dora" if self.use_dora else "")
