@@ -48,6 +48,7 @@ def test_torch_dynamo_waits_for_the_first_adapter(tmp_path):
             "lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=['0']))\n"
             "assert 'torch._dynamo' in sys.modules\n"
             "assert layers.LoraLayer.fused_forward._lorafit_eager and fused.SeededDropout.forward._lorafit_eager\n"
+            "assert layers.LoraLayer.fused_forward._torchdynamo_disable  # what torch.compile reads\n"
             "f = layers.LoraLayer.fused_forward\nlayers.compile_boundaries()\n"
             "assert layers.LoraLayer.fused_forward is f  # once\n"
             "torch.save(model, sys.argv[1])")

@@ -61,11 +61,11 @@ BF16_MIN_SPEEDUP = 1.25  # bf16 is picked for the user only where its matmuls ti
 @torch.no_grad()
 def bf16_speed(n: int = 256, *, repeats: int = 5, budget_s: float = 0.05) -> float:
     """How fast bfloat16 matmuls run against float32 on this CPU (0.5: half as fast): the best of ``repeats``
-    (n, n) @ (n, n) products per dtype, each dtype stopping after ``budget_s`` (~5 ms in all where bf16 is
-    native, under 0.15 s where it is emulated).
+    (n, n) @ (n, n) products per dtype, each dtype stopping after ``budget_s`` (5-10 ms in all where bf16
+    runs in hardware, ~80 ms where it is emulated).
 
     The flags alone cannot tell: an Intel Xeon with avx512_bf16 but no AMX (as a VM may expose it) runs oneDNN's
-    avx512_core_bf16 kernels at 0.55-0.6x float32's speed (measured 2026-12-06: 0.55 here at n = 256, 0.60 at
+    avx512_core_bf16 kernels at 0.52-0.6x float32's speed (measured 2026-12-06: 0.52-0.6 here at n = 256, 0.60 at
     512 and 1024, and the default job took 202 s in bfloat16 against 111 s in float32); an AMD EPYC with
     avx512_bf16 runs them ~2.3x faster than float32.
     """

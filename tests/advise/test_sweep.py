@@ -88,8 +88,13 @@ def test_sweep_trains_each_point_once_and_resumes(files, tmp_path, monkeypatch):
     assert again[0]["eval_loss"] == rows[0]["eval_loss"] and again[1]["trainable"] == state["trainable"]
 
     # the same folder with other settings is refused rather than mixed
-    with pytest.raises(ConfigError, match="different settings \\(steps\\)"):
+    with pytest.raises(ConfigError, match="different settings \\(steps\\)") as e:
         sweep(points, {**settings, "steps": 7}, out, say=lambda m: None)
+    assert "dtype" not in str(e.value)
+    # a dtype that differs (the demo's is timed at startup) says how to name the saved one
+    other = "bfloat16" if settings.get("dtype", "float32") == "float32" else "float32"
+    with pytest.raises(ConfigError, match="different settings \\(dtype\\).*'dtype: .*' in --config"):
+        sweep(points, {**settings, "dtype": other}, out, say=lambda m: None)
 
 
 def test_cli_sweep_with_suggested_and_probed_points(files, tmp_path, capsys):

@@ -27,7 +27,7 @@ Modules that can express each other's update (the value and output projections o
 writing the same residual stream) share the gradient, so gradient spectra spread rank over all of them. With
 ``newton=STEPS`` the spectra are those of the joint Gauss-Newton step Δ* = −(H + δI)⁻¹·g of all candidates
 (lorafit.gauss_newton), which undoes that coupling while the task's update is small enough for the quadratic model;
-gains are then λ_m·σ_k(Δ*_m)² (tests/test_probe.py: exact identification of planted modules and ranks).
+gains are then λ_m·σ_k(Δ*_m)² (tests/advise/test_probe.py: exact identification of planted modules and ranks).
 
 Memory: exact G is out·in float32 values per module (SmolLM2-135M, all linear layers: 106M values, 0.4 GiB). With
 ``sketch=k`` each module keeps a randomised two-sided sketch instead, O((in + out)·k) values (Halko, Martinsson &

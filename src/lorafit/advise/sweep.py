@@ -120,8 +120,10 @@ def _check_same(folder: Path, cfg) -> None:
     want = cfg.to_dict()
     diff = sorted(k for k in want if k != "output" and saved.get(k) != want[k])
     if diff:
+        # the demo's dtype is timed at startup (train.config.default_dtype), so a rerun can land on the other side
+        hint = f" (or name the saved dtype: 'dtype: {saved.get('dtype')}' in --config)" if "dtype" in diff else ""
         raise ConfigError(f"{folder} holds a run with different settings ({', '.join(diff)}); use another --output "
-                          "for a different sweep")
+                          f"for a different sweep{hint}")
 
 
 def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, *, quiet: bool = True, say=print) -> dict:

@@ -95,7 +95,8 @@ class TrainConfig:
     save_every: int = setting(0, "checkpoint every N steps; 0 = never", COUNT)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", SWITCH)
     dtype: str = setting("float32", "base weights dtype: " + ", ".join(DTYPES) + "; when unset, bfloat16 with "
-                         "--quantize and in the default job on a CPU whose bf16 matmuls time faster",
+                         "--quantize and in the default job on a CPU with bf16 instructions whose bf16 matmuls time >= "
+                         f"{BF16_MIN_SPEEDUP}x float32's",
                          one_of(tuple(DTYPES)))
     quantize: Optional[str] = setting(None, "store the frozen base linears as " + " or ".join(FORMATS) + " (QLoRA, "
                                       "via torchao; the adapter stays float32)",
@@ -154,9 +155,9 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
 
     With ``quantize``: bfloat16, QLoRA's recipe (NF4 storage, bf16 compute; Dettmers et al. 2023, §3). The default
     job: bfloat16 on a CPU with bf16 instructions whose bf16 matmuls also time at least ``BF16_MIN_SPEEDUP`` x
-    float32's (``hf.bf16_speed``, ~5 ms), float32 elsewhere. Both halves matter: an EPYC with avx512_bf16 ran the
+    float32's (``hf.bf16_speed``, 5-10 ms), float32 elsewhere. Both halves matter: an EPYC with avx512_bf16 ran the
     job at the same 0.875 accuracy in 56 s against float32's 119 s, an Intel Xeon with avx512_bf16 but no AMX in
-    202 s against 111 s (its bf16 matmuls: 0.55x float32's), and without bf16 instructions it is emulated. A
+    202 s against 111 s (its bf16 matmuls: 0.52-0.6x float32's), and without bf16 instructions it is emulated. A
     torchrun launch (WORLD_SIZE > 1) stays float32: every rank parses the settings, and timings could disagree.
     """
     if quantize:
@@ -168,15 +169,16 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     if not native:
         return "float32", f"dtype float32: {why}, so bfloat16 would be emulated and slower"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a timing per rank could differ between ranks
-        return "float32", (f"dtype float32: {why}, but the ranks of a multi-process run would each time bf16 by "
-                           "themselves and could disagree (--dtype bfloat16 for the bfloat16 run)")
+        return "float32", (f"dtype float32: {why}, but under torchrun each rank would time bf16 separately and the "
+                           "ranks could pick different dtypes (--dtype bfloat16 for the bfloat16 run)")
     speed = bf16_speed()
     if speed >= BF16_MIN_SPEEDUP:
-        return "bfloat16", (f"dtype bfloat16: {why} and its bf16 matmuls run {speed:.1f}x as fast as float32 "
-                            "(timed now), at the same accuracy in the default job (--dtype float32 for the "
-                            "float32 run)")
+        return "bfloat16", (f"dtype bfloat16: {why} and its bf16 matmuls run {speed:.2g}x as fast as float32 "
+                            "(timed now); the default job reaches float32's accuracy in bfloat16 (--dtype float32 "
+                            "for the float32 run)")
+    why_not = "so float32 is faster" if speed < 1 else f"under the {BF16_MIN_SPEEDUP}x that bfloat16 needs here"
     return "float32", (f"dtype float32: {why}, but its bf16 matmuls run only {speed:.2g}x as fast as float32 (timed "
-                       "now), so float32 is faster (--dtype bfloat16 for the bfloat16 run)")
+                       f"now), {why_not} (--dtype bfloat16 for the bfloat16 run)")
 
 
 def settings() -> list[dataclasses.Field]:

@@ -257,7 +257,7 @@ def setup(r: Run, *, resume: bool) -> None:
 
 def check_bf16(r: Run) -> None:
     """A bfloat16 run where bf16 is slow still runs, with a warning that gives the speed measured here ((256, 256)
-    matmuls timed in both dtypes, ~5 ms, ``hf.bf16_speed``): on hardware without bf16 instructions (emulated), and
+    matmuls timed in both dtypes, 5-10 ms, ``hf.bf16_speed``): on hardware without bf16 instructions (emulated), and
     on a CPU whose bf16 instructions time slower than float32 (avx512_bf16 without AMX on Intel)."""
     if r.cfg.dtype != "bfloat16" or not r.d.main:
         return
@@ -271,8 +271,8 @@ def check_bf16(r: Run) -> None:
         r.say(f"warning: dtype bfloat16, but {why}: bf16 matmuls run {speed:.2g}x as fast as fp32 here; "
               "--dtype float32 is likely faster")
     elif speed < 1:
-        r.say(f"warning: dtype bfloat16, but bf16 matmuls run {speed:.2g}x as fast as fp32 here ({why}, whose bf16 "
-              "kernels time slower than float32's: no AMX?); --dtype float32 is likely faster")
+        r.say(f"warning: dtype bfloat16, but bf16 matmuls run {speed:.2g}x as fast as float32 here ({why}, but its "
+              "bf16 kernels are slower than float32's); --dtype float32 is likely faster")
 
 
 def quantize_base(r: Run, model) -> None:
