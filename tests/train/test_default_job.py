@@ -70,9 +70,11 @@ def test_the_default_job_stays_float32_where_bf16_instructions_time_slow(speed, 
                     f"float32 (timed now), {why_not} (--dtype bfloat16 for the bfloat16 run)")
 
 
+def no_timing():
+    raise AssertionError("bf16 was timed where the dtype is decided without timing")
+
+
 def test_a_multi_process_default_job_stays_float32_untimed(monkeypatch):
-    def no_timing():
-        raise AssertionError("timed in a multi-process run")
     monkeypatch.setenv("WORLD_SIZE", "2")
     settings, note = settings_of(speed=no_timing, monkeypatch=monkeypatch)
     assert settings["dtype"] == "float32"
@@ -81,8 +83,6 @@ def test_a_multi_process_default_job_stays_float32_untimed(monkeypatch):
 
 
 def test_the_bf16_speed_is_timed_only_where_the_cpu_has_bf16(monkeypatch):
-    def no_timing():
-        raise AssertionError("timed without bf16 instructions")
     monkeypatch.setattr(train_config, "native_bf16", lambda device="cpu": EMULATED)
     monkeypatch.setattr(train_config, "bf16_speed", no_timing)
     assert train_config.default_dtype(demo=True, quantize=None)[0] == "float32"
