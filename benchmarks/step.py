@@ -363,6 +363,22 @@ def table(model_name: str, results: dict[float, dict[str, dict]], threads: int, 
     return "\n".join(lines)
 
 
+def head_matmul(dtype, threads: int) -> tuple[float, float]:
+    """(ms, GFLOP/s) of the random Llama's output-layer product, best of 3: forward and input gradient of that one
+    layer are ~45% of the bf16 floor step on an EPYC (2026-12-07: 190 + 174 ms of 0.76 s), so machines whose small
+    matmuls time alike (``bf16_speed``) can still differ 2x in the floor, and in every ratio to it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x, w = torch.randn(1024, 1024, dtype=dtype), torch.randn(32000, 1024, dtype=dtype)
+    best = math.inf
+    for _ in range(4):  # the first call pays for oneDNN's kernel choice
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best, 2 * 1024 * 1024 * 32000 / best / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -411,6 +427,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(f"# {native_bf16('cpu')[1]}; 256x256 bf16 matmuls run {bf16_speed():.2f}x as fast as float32 "
               f"({args.threads} threads)", flush=True)
+    if "llama-1024" in args.models:
+        ms, gflops = head_matmul(getattr(torch, args.dtype), args.threads)
+        print(f"# llama-1024's output layer, (1024 x 1024) @ (1024 x 32000) in {args.dtype}: {ms:.0f} ms "
+              f"({gflops:.0f} GFLOP/s), twice per floor step", flush=True)
     for model_name in args.models:
         if model_name == "smollm2-135m" and smollm2_path() is None:
             print(f"\n## {model_name}: skipped, not cached (python -c 'import lorafit.demo.assets as a; a.smollm2()')")
