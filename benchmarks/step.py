@@ -364,15 +364,15 @@ def table(model_name: str, results: dict[float, dict[str, dict]], threads: int, 
 
 
 def head_matmul(dtype, threads: int) -> tuple[float, float]:
-    """(ms, GFLOP/s) of the random Llama's output-layer product, best of 3: forward and input gradient of that one
-    layer are ~45% of the bf16 floor step on an EPYC (2026-12-07: 190 + 174 ms of 0.76 s), so machines whose small
+    """(ms, GFLOP/s) of the random Llama's output-layer product, the best of 4 calls: forward and input gradient of that one
+    layer are ~48% of the bf16 floor step on an EPYC (2026-12-07: 190 + 174 ms of 0.76 s), so machines whose small
     matmuls time alike (``bf16_speed``) can still differ 2x in the floor, and in every ratio to it."""
     import torch
 
     torch.set_num_threads(threads)
     x, w = torch.randn(1024, 1024, dtype=dtype), torch.randn(32000, 1024, dtype=dtype)
     best = math.inf
-    for _ in range(4):  # the first call pays for oneDNN's kernel choice
+    for _ in range(4):  # the first call also pays for oneDNN's kernel choice (min drops it)
         t0 = time.perf_counter()
         torch.nn.functional.linear(x, w)
         best = min(best, time.perf_counter() - t0)
