@@ -364,9 +364,9 @@ def table(model_name: str, results: dict[float, dict[str, dict]], threads: int, 
 
 
 def head_matmul(dtype, threads: int) -> tuple[float, float]:
-    """(ms, GFLOP/s) of the random Llama's output-layer product, the best of 4 calls: forward and input gradient of that one
-    layer are ~48% of the bf16 floor step on an EPYC (2026-12-07: 190 + 174 ms of 0.76 s), so machines whose small
-    matmuls time alike (``bf16_speed``) can still differ 2x in the floor, and in every ratio to it."""
+    """(ms, GFLOP/s) of the random Llama's output-layer product, the best of 4 calls. Forward and input gradient of
+    that one layer are ~48% of the bf16 floor step on an EPYC (2026-12-07: 190 + 174 ms of 0.76 s), so machines whose
+    small matmuls time alike (``bf16_speed``) can still differ 2x in the floor, and in every ratio to it."""
     import torch
 
     torch.set_num_threads(threads)
