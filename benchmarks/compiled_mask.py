@@ -25,6 +25,7 @@ import torch
 
 from lorafit import fused
 
+
 def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)  # a logical shift of int64
 
