@@ -13,7 +13,10 @@ training step) only the arithmetic and the memory traffic remain.
 
 2026-12-07, AMD EPYC, 2 threads: default malloc, compiled/eager 0.32 (1024x1024) and 0.25 (1024x2816); heap
 retained, 0.50-1.05 and 0.81-0.95 over four runs (compiled 0.71-0.79 and 1.96-2.03 ms, eager 0.74-1.41 and
-2.11-2.42); the first call compiled for 16-20 s (3.4 s from inductor's cache).
+2.11-2.42); the first call compiled for 16-20 s (3.4 s from inductor's cache). Other CPU kernels: under
+ATEN_CPU_CAPABILITY=avx2 the compiled mask was wrong (807,674 of 1M values differ, some NaN; ``keep_applied`` run
+eagerly matches ``keep_bits``), and under ATEN_CPU_CAPABILITY=default inductor's C++ failed to compile ("'at::vec'
+has not been declared").
 """
 
 from __future__ import annotations
