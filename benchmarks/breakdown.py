@@ -12,7 +12,7 @@ steps of each after a warm-up, and sorts every op's self CPU time into buckets:
     attention        scaled_dot_product_attention kernels
     optimizer        everything inside ``Optimizer.step`` and ``Optimizer.zero_grad``
     autograd nodes   autograd's backward nodes (MmBackward0, ...) and the bodies of custom autograd functions
-                     (lorafit's LoraLinear: its Python, not the ops inside it)
+                     (lorafit's LoraLinearFunction: its Python, not the ops inside it)
     other ops        elementwise, reductions, copies, allocation, autograd bookkeeping
     outside ops      step wall time not inside any op (Python, dispatch; with the profiler's own overhead)
 
@@ -52,7 +52,7 @@ def bucket(event, r: int) -> str:
         return "adapter matmul" if any(r in s for s in shapes if isinstance(s, list)) else "base matmul"
     if "scaled_dot_product" in name:
         return "attention"
-    if "::" not in name:  # a backward node (MmBackward0) or a custom Function's body (LoraLinear)
+    if "::" not in name:  # a backward node (MmBackward0) or a custom Function's body (LoraLinearFunction)
         return "autograd nodes"
     return "other ops"
 

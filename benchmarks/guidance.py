@@ -38,7 +38,7 @@ def sh(*argv) -> None:
 def _key(cfg: dict) -> str:
     """A training config as train reads it (defaults filled in, 16.0 == 16), to find runs of the same
     configuration."""
-    from lorafit.train.config import TrainConfig
+    from lorafit.train.train_config import TrainConfig
 
     def canon(v):
         if isinstance(v, dict):

@@ -52,7 +52,7 @@ def build_models(n: int, r: int, seed: int = 0):
     import peft
 
     import lorafit
-    from lorafit.io import adapter_state_dict
+    from lorafit.peft_format import adapter_state_dict
 
     base, label = build_base(seed)
     names = [f"ad{i}" for i in range(n)]
@@ -99,8 +99,9 @@ def main(argv=None) -> None:
     if os.environ.get("GLIBC_TUNABLES") != RETAIN_HEAP:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": RETAIN_HEAP})
     torch.set_num_threads(THREADS)
-    import lorafit
     import peft  # noqa: F401
+
+    import lorafit
 
     base, ours, ref, names, label = build_models(args.adapters, args.rank)
     merged = lorafit.merge(copy.deepcopy(ours).eval(), names=[names[0]])

@@ -98,8 +98,8 @@ def quantize_base(model, kind: str, fmt: str):
 
         lorafit.quantize(model, fmt)
     else:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
         from torch import nn
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         head = model.get_output_embeddings()
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m is not head)

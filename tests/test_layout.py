@@ -25,6 +25,23 @@ def test_import_contracts_hold():
     assert "0 broken" in result.stdout
 
 
+def test_ruff_is_clean():
+    """Ruff's pycodestyle, pyflakes and import-order rules at 120 columns (pyproject.toml's [tool.ruff]), over src,
+    tests, benchmarks and examples."""
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", "--no-cache", "src", "tests", "benchmarks", "examples"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_module_is_named_like_a_standard_library_module():
+    """``lorafit/io.py`` made readers import ours as ``lio``; a module named ``inspect`` or ``io`` misleads."""
+    clashes = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+               if p.stem in sys.stdlib_module_names or (p.name == "__init__.py" and p.parent.name in
+                                                        sys.stdlib_module_names)]
+    assert not clashes, clashes
+
+
 def _loaded_after(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
                          capture_output=True, text=True, timeout=300, check=True).stdout

@@ -15,17 +15,17 @@ functions that need them.
 
 __version__ = "0.1.0"
 
-from .errors import AdapterError, ConfigError, DataError, TrainingError  # noqa: E402
-from .config import LoraConfig  # noqa: E402
-from .model import adapter_layers, adapters, attach, delete, disabled, merge, set_active, trainable_parameters  # noqa: E402,E501
-from .io import load, save  # noqa: E402
-from .combine import combine  # noqa: E402
-from .mixed import per_row  # noqa: E402
-from .quant import dequantize, quantize  # noqa: E402
-from .layers import LoraLayer  # noqa: E402
 from .advise.plan import plan  # noqa: E402
 from .advise.probe import probe  # noqa: E402
 from .advise.suggest import suggest  # noqa: E402
+from .combine import combine  # noqa: E402
+from .errors import AdapterError, ConfigError, DataError, TrainingError  # noqa: E402
+from .layers import LoraLayer  # noqa: E402
+from .lora_config import LoraConfig  # noqa: E402
+from .mixed import per_row  # noqa: E402
+from .model import adapter_layers, adapters, attach, delete, disabled, merge, set_active, trainable_parameters  # noqa: E402,E501
+from .peft_format import load, save  # noqa: E402
+from .quant import dequantize, quantize  # noqa: E402
 
 __all__ = ["LoraConfig", "ConfigError", "AdapterError", "DataError", "TrainingError", "LoraLayer", "attach", "load",
            "save", "merge", "disabled", "trainable_parameters", "adapter_layers", "adapters", "set_active", "delete",

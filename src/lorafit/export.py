@@ -38,11 +38,11 @@ from typing import Union
 
 from torch import Tensor
 
-from .config import LoraConfig
 from .errors import AdapterError, DataError
 from .files import replace_file, writing_dir
-from .io import CONFIG_NAME, PREFIX, read_adapter, write_adapter_files
+from .lora_config import LoraConfig
 from .ops import scaling
+from .peft_format import CONFIG_NAME, PREFIX, read_adapter, write_adapter_files
 from .targets import pattern_key
 
 TARGETS = ("peft", "transformers", "vllm", "llama.cpp")
@@ -254,7 +254,7 @@ def problems(adapter: Union[str, Path], target: str, *, model: Union[str, Path, 
     if target == "transformers" and ad.config.use_dora:
         return ["DoRA magnitudes: transformers 5's load_adapter (tested: 5.24 with PEFT 0.21.2) matches none of the "
                 "file's lora_magnitude_vector keys and leaves the magnitudes at their init; load with "
-                "lorafit.trainer.load_adapter(model, folder), which passes them keyed as it expects"]
+                "lorafit.hf_trainer.load_adapter(model, folder), which passes them keyed as it expects"]
     return []
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Type
 
 from safetensors import SafetensorError
 
@@ -151,3 +152,20 @@ def replace_file(path: Path, write: Callable[[Path], None], *, tmp_prefix: Optio
 def write_text(path: Path, text: str) -> Path:
     """Replace a text file atomically."""
     return replace_file(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, data, *, indent: Optional[int] = 2, sort_keys: bool = False) -> Path:
+    """Replace a JSON file atomically."""
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys))
+
+
+def read_json(path: Path, *, error: Type[Exception] = AdapterError, what: str = ""):
+    """A JSON file's value; ``error`` (AdapterError unless given) naming the file when it is missing, unreadable or
+    not valid JSON. ``what`` ends the missing-file message (e.g. "; pass the base model's transformers folder")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist{what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from None

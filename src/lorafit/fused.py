@@ -13,7 +13,7 @@ DoRA, the full matrix W0 + s·B·A every step. Here, per layer and step:
   needs x only through it); adapters that read the same tensor share both: q/k/v, gate/up;
 * the scales s and 1/(1-p) multiply the rank-r intermediate (N, r), and s·B·(A·drop(x)) is accumulated into the
   base output in place (``addmm_``);
-* DoRA's row norms come from the factorised form (``dora_norm``) with ||W0_i||² computed once, and the base
+* DoRA's row norms come from the factorised form (``factored_dora_norm``) with ||W0_i||² computed once, and the base
   output W0·x is reused for the magnitude's gradient (m's gradient is Σ_n g ⊙ y / ||W||, with y recovered from the
   saved output) instead of a second matmul.
 
@@ -261,7 +261,7 @@ def row_sq_norms(W0: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 @torch.no_grad()
-def dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float, w0_sq: Tensor) -> Tensor:
+def factored_dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float, w0_sq: Tensor) -> Tensor:
     """||W0 + s·B·A|| per output row (out,), in A's dtype, detached (DoRA §4.3), without forming the (out, in) matrix.
 
         ||W0_i + s(BA)_i||² = ||W0_i||² + 2s·(B ⊙ (W0·Aᵀ))_i·1 + s²·((B·(A·Aᵀ)) ⊙ B)_i·1
@@ -283,7 +283,7 @@ def dora_norm(W0: Tensor, A: Tensor, B: Tensor, s: float, w0_sq: Tensor) -> Tens
 
 # --- the autograd function ------------------------------------------------------------------------------------
 
-class LoraLinear(torch.autograd.Function):
+class LoraLinearFunction(torch.autograd.Function):
     """The LoRA (``magnitude`` None) or DoRA linear layer; ``norm`` is DoRA's detached ||W0 + s·B·A||_row.
 
     Saves the rank-r intermediate A·(x ⊙ keep) (N, r), x (with dropout over a frozen weight: x ⊙ keep in its place),
@@ -427,7 +427,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
         norm = W0 = None
         if magnitude is not None:  # a quantized W0 is dequantized for the norm (one layer at a time)
             W0 = dense(weight.t() if transposed else weight)  # (out, in)
-            norm = dora_norm(W0, A, B, s, w0_sq)  # (out,), in A's dtype
+            norm = factored_dora_norm(W0, A, B, s, w0_sq)  # (out,), in A's dtype
             W0 = W0 if linear_dequantizes(weight) else None  # NF4: forward reuses the dequantized copy
         return _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0)
 
@@ -438,4 +438,4 @@ def _apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0=No
         A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
         if magnitude is not None:
             magnitude, norm = magnitude.to(torch.bfloat16), norm.to(torch.bfloat16)
-    return LoraLinear.apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0)
+    return LoraLinearFunction.apply(x, weight, bias, A, B, magnitude, norm, s, p, seed, transposed, W0)

@@ -27,8 +27,8 @@ from torch import nn
 
 from .errors import AdapterError, ConfigError, DataError
 from .hf import DTYPES, check_model_dir, load_model, use_chat_template
-from .io import CONFIG_NAME, load, read_adapter
 from .model import disabled
+from .peft_format import CONFIG_NAME, load, read_adapter
 
 _PROBE = "lorafit-end-of-turn-probe"  # an assistant turn's text, to find what the template writes after it
 

@@ -201,8 +201,8 @@ def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import load, read_adapter
     from .model import merge
+    from .peft_format import load, read_adapter
 
     output = Path(output)
     if output.exists():

@@ -20,9 +20,9 @@ from typing import Iterable, Iterator, Union
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraConfig
 from .errors import AdapterError
 from .layers import LoraLayer
+from .lora_config import ConfigError, LoraConfig
 from .targets import Target, modules_to_save, select_targets
 from .tensors import is_packed, is_quantized
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ConfigError, LoraConfig
 from .layers import LoraLayer, in_out_features, layer_kind
+from .lora_config import ConfigError, LoraConfig
 from .ops import scaling
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")

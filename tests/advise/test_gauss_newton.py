@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.advise.gauss_newton import gn_product, newton_step, output_grads, recorded_calls
-
 from helpers import tiny_llama
+from lorafit.advise.gauss_newton import gn_product, newton_step, output_grads, recorded_calls
 
 
 def _self_distilled(model, n: int, seed: int = 0) -> list[dict]:

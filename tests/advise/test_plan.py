@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from lorafit.advise.plan import estimate_memory
-
 from helpers import make_data, make_model_dir, tiny_llama
+from lorafit.advise.plan import estimate_memory
 
 
 def lorafit(*args, timeout=900):
@@ -43,9 +42,10 @@ def test_plan_estimate_within_25_percent_on_the_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_plan_estimate_within_25_percent_on_smollm2(tmp_path):
-    from lorafit.demo.assets import smollm2
-    from helpers import WORDS
     import random
+
+    from helpers import WORDS
+    from lorafit.demo.assets import smollm2
     rng = random.Random(0)
     with open(tmp_path / "d.jsonl", "w") as f:  # long texts so that every batch is full length
         for _ in range(64):

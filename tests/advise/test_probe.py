@@ -26,12 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorafit
-from lorafit import ConfigError, LoraConfig
-from lorafit.advise.probe import (allocate_ranks, complexity_score, effective_rank, gradient_spectra, probe,
-                                  probe_table, probed_config)
-from lorafit.targets import select_targets
-
 from helpers import close, tiny_gpt2, tiny_llama
+from lorafit import ConfigError, LoraConfig
+from lorafit.advise.probe import (
+    allocate_ranks,
+    complexity_score,
+    effective_rank,
+    gradient_spectra,
+    probe,
+    probe_table,
+    probed_config,
+)
+from lorafit.targets import select_targets
 
 # --- pure pieces -----------------------------------------------------------------------------------------
 
@@ -322,8 +328,8 @@ def test_cli_probe_writes_a_trainable_config(tmp_path, capsys):
     import json
 
     from helpers import make_data, make_model_dir
-    from lorafit.cli.common import read_yaml
     from lorafit.cli.advise import add_parsers as add_guidance_parsers
+    from lorafit.cli.common import read_yaml
     from lorafit.hf import load_model
     from lorafit.train import TrainConfig
 

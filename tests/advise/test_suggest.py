@@ -7,14 +7,21 @@ import argparse
 import pytest
 from torch import nn
 
+from helpers import tiny_bert, tiny_gpt2, tiny_llama
 from lorafit import ConfigError, LoraConfig
 from lorafit.advise.plan import adapter_parameters, estimate_memory
-from lorafit.advise.suggest import (LORA_ALPHA, attention_roles, learning_rate, model_width, parse_bytes, parse_count,
-                                    suggest, target_spec)
+from lorafit.advise.suggest import (
+    LORA_ALPHA,
+    attention_roles,
+    learning_rate,
+    model_width,
+    parse_bytes,
+    parse_count,
+    suggest,
+    target_spec,
+)
 from lorafit.hf import meta_model
 from lorafit.targets import select_targets
-
-from helpers import tiny_bert, tiny_gpt2, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}

@@ -8,11 +8,9 @@ import json
 
 import pytest
 
+from helpers import make_data, make_model_dir, tiny_gpt2, tiny_llama
 from lorafit import ConfigError, LoraConfig
 from lorafit.advise.sweep import pareto_front, parse_grid, point_config, point_name, sweep
-
-from helpers import make_data, make_model_dir
-from helpers import tiny_gpt2, tiny_llama
 
 FAST = dict(steps=6, batch_size=4, max_length=48, lr=5e-3, eval_max=8, save_every=0)
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_data, make_model_dir, run_cli, tiny_llama
 from lorafit import ConfigError
 from lorafit.advise.space import Space, parse_space, scaled_pattern, trial_lora, within
-from lorafit.config import LoraConfig
-
-from helpers import make_data, make_model_dir, run_cli, tiny_llama
+from lorafit.lora_config import LoraConfig
 
 optuna = pytest.importorskip("optuna")
 

@@ -23,13 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorafit
-from lorafit import AdapterError, ConfigError, LoraConfig
+from helpers import make_data, make_model_dir, make_tokenizer, perturb_trainable, tiny_cnn, tiny_llama, tiny_mlp
+from lorafit import AdapterError, ConfigError, DataError, LoraConfig
 from lorafit.cli import main
-from lorafit import DataError
 from lorafit.train.data import read_examples, tokenize
-
-from helpers import make_data, make_model_dir, make_tokenizer
-from helpers import perturb_trainable, tiny_cnn, tiny_llama, tiny_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_model_dir, with_chat_template
 from lorafit import DataError
 from lorafit.cli import main
 from lorafit.generate import Chat, Sampling, decode, generate, load_for_inference, render
-
-from helpers import make_model_dir, with_chat_template
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEADLINE = 120  # seconds for one expected piece of output (a cold start imports torch and transformers)

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.cli import main
-
 from helpers import close, close_to_scale, make_data, make_model_dir
+from lorafit.cli import main
 
 FAST = ["--steps", "12", "--batch-size", "4", "--max-length", "48", "--lr", "5e-3", "--quiet"]
 

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from lorafit.cli import main
-
 from helpers import make_chat_model_dir, make_model_dir
+from lorafit.cli import main
 
 REVIEWS = [("the movie was good", "positive"), ("awful plot and dull actor", "negative"),
            ("a lovely film, superb scene", "positive"), ("boring and terrible story", "negative")]
@@ -91,10 +90,9 @@ def test_show_answers_prints_base_and_fine_tuned_greedy_answers(files):
     """The default job's closing lines: base -> fine-tuned answers on held-out reviews (generate at temperature 0,
     with the adapter disabled for the base)."""
     import lorafit
+    from helpers import perturb_trainable
     from lorafit.hf import load_model
     from lorafit.train.loop import show_answers
-
-    from helpers import perturb_trainable
 
     _, plain, _ = files
     model, tok = load_model(plain)

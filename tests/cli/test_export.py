@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import lorafit
+from helpers import close_to_scale, make_model_dir, perturb_trainable, run_cli, tiny_mlp
 from lorafit import LoraConfig
 from lorafit.cli import main
 from lorafit.export import rope_permute
-
-from helpers import run_cli, close_to_scale, make_model_dir, perturb_trainable, tiny_mlp
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -289,7 +288,7 @@ def test_check_loads(refused, adapters, model_dir, capsys):
     code, out, _ = run_cli(capsys, "check", refused["dora"], "--for", "peft")
     assert code == 0 and "loads in" in out
     code, out, _ = run_cli(capsys, "check", refused["dora"], "--for", "transformers")  # plain load_adapter: no
-    assert code == 1 and "DoRA magnitudes" in out and "lorafit.trainer.load_adapter" in out
+    assert code == 1 and "DoRA magnitudes" in out and "lorafit.hf_trainer.load_adapter" in out
     code, out, _ = run_cli(capsys, "check", refused["rank"], "--for", "transformers")
     assert code == 0 and "loads in" in out
     assert run_cli(capsys, "check", refused["rank"], "--for", "vllm", "--max-lora-rank", "32")[0] == 0

@@ -29,10 +29,9 @@ import pytest
 import torch
 
 import lorafit
+from helpers import make_model_dir, perturb_trainable
 from lorafit import LoraConfig
 from lorafit.export import export_gguf
-
-from helpers import make_model_dir, perturb_trainable
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf")

@@ -15,12 +15,19 @@ import pytest
 import torch
 
 import lorafit
+from helpers import make_data, make_model_dir, perturb_trainable, run_cli, with_chat_template
 from lorafit import AdapterError, ConfigError, DataError, LoraConfig
 from lorafit.cli import main
-from lorafit.generate import (Sampling, compare, decode, generate, load_for_inference, read_messages, render,
-                              stop_token_ids)
-
-from helpers import run_cli, make_data, make_model_dir, perturb_trainable, with_chat_template
+from lorafit.generate import (
+    Sampling,
+    compare,
+    decode,
+    generate,
+    load_for_inference,
+    read_messages,
+    render,
+    stop_token_ids,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "the movie was"

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import lorafit
-from lorafit import AdapterError, ConfigError, LoraConfig
-from lorafit.io import adapter_state_dict
-
 from helpers import close_to_scale, tiny_llama
+from lorafit import AdapterError, ConfigError, LoraConfig
+from lorafit.peft_format import adapter_state_dict
 
 RTOL = 1e-5
 CONFIGS = {  # different ranks, targets and variants

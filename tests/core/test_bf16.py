@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 import lorafit
+from helpers import close_to_scale, tiny_llama
 from lorafit import fused, layers
 from lorafit.layers import LoraLayer
-
-from helpers import close_to_scale, tiny_llama
 
 OUT_RTOL, GRAD_RTOL, LOSS_RTOL = 2 ** -6, 3e-2, 1e-2
 
@@ -61,8 +60,8 @@ def test_bf16_fused_equals_fp32_reference_within_bf16_rounding(use_dora, dropout
 
 def test_bf16_products_really_run_in_bf16(monkeypatch):
     seen = []
-    real = fused.LoraLinear.apply
-    monkeypatch.setattr(fused.LoraLinear, "apply", lambda *a: seen.append(a[3].dtype) or real(*a))
+    real = fused.LoraLinearFunction.apply
+    monkeypatch.setattr(fused.LoraLinearFunction, "apply", lambda *a: seen.append(a[3].dtype) or real(*a))
     layer = make_layer(False, 0.0, torch.bfloat16)
     run(layer, torch.randn(2, 5, 40).bfloat16(), fused_path=True, monkeypatch=monkeypatch)
     monkeypatch.setattr(fused, "BF16_COMPUTE", False)
@@ -73,8 +72,8 @@ def test_bf16_products_really_run_in_bf16(monkeypatch):
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_fused_path_stays_on_under_autocast(use_dora, monkeypatch):
     calls = []
-    real = fused.LoraLinear.apply
-    monkeypatch.setattr(fused.LoraLinear, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    real = fused.LoraLinearFunction.apply
+    monkeypatch.setattr(fused.LoraLinearFunction, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
     x = torch.randn(3, 7, 40)
     layer = make_layer(use_dora, 0.1, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -114,12 +113,12 @@ def test_ten_step_loss_curve_bf16_vs_fp32(use_dora, monkeypatch):
 
 
 def test_dora_norm_over_a_bf16_base_keeps_float32_accuracy():
-    """The bfloat16 W0·Aᵀ product of ``fused.dora_norm`` (float32 factors) against the same norm from W0's values in
-    float32: 1e-4 relative (2e-5 measured), far inside bfloat16's own 2⁻⁸."""
+    """The bfloat16 W0·Aᵀ product of ``fused.factored_dora_norm`` (float32 factors) against the same norm from W0's
+    values in float32: 1e-4 relative (2e-5 measured), far inside bfloat16's own 2⁻⁸."""
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(96, 64, generator=g).bfloat16()
     A, B = 0.05 * torch.randn(8, 64, generator=g), 0.05 * torch.randn(96, 8, generator=g)
-    got = fused.dora_norm(W0, A, B, 2.0, fused.row_sq_norms(W0))
-    want = fused.dora_norm(W0.float(), A, B, 2.0, fused.row_sq_norms(W0.float()))
+    got = fused.factored_dora_norm(W0, A, B, 2.0, fused.row_sq_norms(W0))
+    want = fused.factored_dora_norm(W0.float(), A, B, 2.0, fused.row_sq_norms(W0.float()))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lorafit
+from helpers import close_to_scale, copy_trainable, make_model_dir
 from lorafit.layers import LoraLayer, layer_kind
 from lorafit.model import adapter_parameter_names
 from lorafit.tensors import cpu_inference_layout, is_packed
-from helpers import close_to_scale, copy_trainable, make_model_dir
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -21,12 +21,11 @@ import pytest
 import torch
 
 import lorafit
+from helpers import MODELS, close_to_scale, example_input, run
 from lorafit import ops
 from lorafit.combine import METHODS, merge
-from lorafit.io import adapter_state_dict
 from lorafit.model import state_of
-
-from helpers import MODELS, close_to_scale, example_input, run
+from lorafit.peft_format import adapter_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 

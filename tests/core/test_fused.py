@@ -10,10 +10,9 @@ losses to RTOL of each loss, and a whole model's first-step gradients to GRAD_RT
 
 from __future__ import annotations
 
-import os
 import gc
+import os
 import socket
-
 from collections import Counter
 
 import pytest
@@ -21,11 +20,10 @@ import torch
 from torch import nn
 
 import lorafit
+from helpers import close, close_to_scale, max_diff, perturb_trainable, tiny_gpt2, tiny_llama
 from lorafit import fused, layers, ops
 from lorafit.layers import LoraLayer
 from lorafit.train.distributed import Dist, leave
-
-from helpers import close, close_to_scale, max_diff, perturb_trainable, tiny_gpt2, tiny_llama
 
 RTOL = 1e-5  # float32 (eps 1.2e-7): ~80 ulps, for sums over tens to a few hundred terms computed in another order
 # a whole model's gradients: rounding carried back through 2 blocks (attention softmax, norms), and small tensors
@@ -154,7 +152,7 @@ def test_reseeded_forwards_on_new_inputs_get_their_own_dropped_input(path, mode)
 def test_factorised_dora_norm_matches_the_full_matrix(s):
     g = torch.Generator().manual_seed(0)
     W0, A, B = torch.randn(48, 40, generator=g), torch.randn(8, 40, generator=g), torch.randn(48, 8, generator=g)
-    got = fused.dora_norm(W0, A, B, s, fused.row_sq_norms(W0))
+    got = fused.factored_dora_norm(W0, A, B, s, fused.row_sq_norms(W0))
     want = ops.dora_norm(W0, A, B, s)
     close_to_scale(got, want, rtol=1e-5)  # float32 row norms (40 + 8 terms), relative to the largest norm
 

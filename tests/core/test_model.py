@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 import lorafit
+from helpers import CASES, MODELS, close, close_to_scale, example_input, perturb_trainable, run, tiny_llama
 from lorafit import LoraConfig
-
-from helpers import MODELS, close, close_to_scale, example_input, perturb_trainable, run, tiny_llama
-from helpers import CASES
 
 
 @pytest.mark.parametrize("case", ["all_linear_llama", "dora_llama", "dora_gpt2_bias", "embedding_dora", "conv_dora",
@@ -41,7 +39,7 @@ def test_merge_matches_peft_merge_and_unload():
     ours = lorafit.attach(copy.deepcopy(base), LoraConfig(**kw, init_lora_weights=False))
     perturb_trainable(ours)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-    peft.set_peft_model_state_dict(ref, lorafit.io.adapter_state_dict(ours))
+    peft.set_peft_model_state_dict(ref, lorafit.peft_format.adapter_state_dict(ours))
     a, b = lorafit.merge(ours).state_dict(), ref.merge_and_unload().state_dict()
     assert a.keys() == b.keys()
     # float32 merged weights (DoRA: a norm and a division) from two implementations: ulps of each weight, plus a

@@ -12,9 +12,8 @@ import peft
 import pytest
 
 import lorafit
-from lorafit.io import adapter_state_dict
-
 from helpers import CASES, MODELS, close_to_scale, example_input, perturb_trainable, run
+from lorafit.peft_format import adapter_state_dict
 
 RTOL = 1e-5  # float32 logits (eps 1.2e-7): ~80 ulps of the largest logit, for matmuls over 32-128 terms
 

@@ -34,9 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorafit
-from lorafit import LoraConfig
-
 from helpers import example_input, perturb_trainable, run, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
+from lorafit import LoraConfig
 
 TOL = 2e-4  # float32 (~1600 ulps), relative to max |reference output|, plus 10x the float32 reference's own error
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -201,7 +200,7 @@ def test_adapter_saved_in_another_dtype_is_cast_exactly(file_dtype, base_dtype, 
     save_file(sd, path / "adapter_model.safetensors")
     loaded = lorafit.load(tiny_llama().to(base_dtype), path)
     adapter_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32  # half bases: fp32 adapters
-    saved = lorafit.io.adapter_state_dict(loaded)
+    saved = lorafit.peft_format.adapter_state_dict(loaded)
     assert saved.keys() == sd.keys()
     for key, t in saved.items():
         assert t.dtype == adapter_dtype and torch.equal(t, sd[key].to(adapter_dtype)), key

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import lorafit
+from helpers import copy_trainable, tiny_llama
 from lorafit import quant
 from lorafit.tensors import dense, is_quantized
-from helpers import copy_trainable, tiny_llama
 
 pytest.importorskip("torchao")
 

@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 import lorafit
+from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp
 from lorafit import ConfigError, LoraConfig
 from lorafit.targets import select_targets
-
-from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp
 
 
 def names(model, **kw):

@@ -8,11 +8,10 @@ import json
 
 import pytest
 
+from helpers import make_tokenizer
 from lorafit import DataError
 from lorafit.hf import IGNORE
 from lorafit.train.data import epoch_order, padding_share, read_examples, tokenize, tokenize_all
-
-from helpers import make_tokenizer
 
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] }}<|eot_id|>{% endfor %}"
@@ -227,9 +226,8 @@ def test_pack_cuts_text_into_full_blocks_with_eos_between_examples():
 
 
 def test_pack_refuses_data_that_is_not_text(tmp_path, capsys):
-    from lorafit.cli import main
-
     from helpers import make_data, make_model_dir
+    from lorafit.cli import main
 
     model, data = make_model_dir(tmp_path / "m"), make_data(tmp_path / "d.jsonl", n=16)
     code = main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"), "--pack",

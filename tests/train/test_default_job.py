@@ -13,12 +13,11 @@ import pytest
 import yaml
 
 import lorafit.hf as hf
-import lorafit.train.config as train_config
 import lorafit.train.loop as loop
+import lorafit.train.train_config as train_config
+from helpers import make_data, make_model_dir, run_cli
 from lorafit.cli import build_parser
 from lorafit.cli.train import train_settings
-
-from helpers import make_data, make_model_dir, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

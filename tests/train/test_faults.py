@@ -32,13 +32,12 @@ import torch
 from safetensors.torch import load_file
 
 import lorafit
-import lorafit.io as lio
 import lorafit.files as lfiles
+import lorafit.peft_format as peft_format
 import lorafit.train.loop as ltrain
+from helpers import close, make_data, make_model_dir
 from lorafit import LoraConfig
 from lorafit.cli import main
-
-from helpers import close, make_data, make_model_dir
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32",
                               reason="needs fork and SIGKILL"),
@@ -178,12 +177,12 @@ def saver_adapters(tmp: Path) -> list[Path]:
 
 def which_adapter(path: Path, refs: list[Path]) -> int:
     """The index of the reference adapter that ``path`` holds, bit for bit (fails on anything else)."""
-    _, tensors = lio.read_adapter(path)  # parses both files and checks every tensor
-    config = json.loads((path / lio.CONFIG_NAME).read_text())
+    _, tensors = peft_format.read_adapter(path)  # parses both files and checks every tensor
+    config = json.loads((path / peft_format.CONFIG_NAME).read_text())
     for i, ref in enumerate(refs):
-        expected = load_file(ref / lio.WEIGHTS_NAME)
+        expected = load_file(ref / peft_format.WEIGHTS_NAME)
         if tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in tensors):
-            assert config == json.loads((ref / lio.CONFIG_NAME).read_text())
+            assert config == json.loads((ref / peft_format.CONFIG_NAME).read_text())
             return i
     raise AssertionError(f"{path} holds neither complete adapter")
 
@@ -237,7 +236,7 @@ def test_save_crashing_before_each_filesystem_step_keeps_the_old_or_the_new_adap
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(lio, "save_file", step("weights", lio.save_file))
+    monkeypatch.setattr(peft_format, "save_file", step("weights", peft_format.save_file))
     monkeypatch.setattr(pathlib.Path, "write_text", step("config", pathlib.Path.write_text))
     monkeypatch.setattr(os, "fsync", step("fsync", os.fsync))
     monkeypatch.setattr(lfiles, "exchange", step("swap", lfiles.exchange))
@@ -264,15 +263,15 @@ def test_save_without_an_atomic_exchange_replaces_the_folder(tmp_path, monkeypat
 # --- lorafit train --------------------------------------------------------------------------------------------
 
 def adapter_of(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / lio.WEIGHTS_NAME)
+    return load_file(folder / peft_format.WEIGHTS_NAME)
 
 
 def assert_checkpoints_complete(out: Path, model_dir: Path) -> list[int]:
     """Every visible checkpoint-N folder holds the three files, a valid adapter and the state of step N."""
     steps = []
     for ckpt in sorted(out.glob("checkpoint-*")):
-        assert visible(ckpt) == {lio.CONFIG_NAME, lio.WEIGHTS_NAME, "trainer_state.pt"}, ckpt
-        lio.read_adapter(ckpt)
+        assert visible(ckpt) == {peft_format.CONFIG_NAME, peft_format.WEIGHTS_NAME, "trainer_state.pt"}, ckpt
+        peft_format.read_adapter(ckpt)
         step = int(ckpt.name.split("-")[1])
         assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == step
         steps.append(step)
@@ -370,7 +369,7 @@ def test_save_on_a_full_disk_names_the_folder_and_keeps_the_previous_adapter(fai
     target = shutil.copytree(refs[0], tmp_path / "out" / "adapter")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     new = lorafit.load(saver_model(), refs[1])
-    monkeypatch.setattr(*((lio, "save_file", _enospc) if failing == "weights" else
+    monkeypatch.setattr(*((peft_format, "save_file", _enospc) if failing == "weights" else
                           (pathlib.Path, "write_text", _enospc)))
     with pytest.raises(OSError) as info:
         lorafit.save(new, target)
@@ -432,20 +431,20 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resume_completes(f
                                                                                capsys):
     model_dir, data = files
     out = tmp_path / "run"
-    real, calls = lio.save_file, []
+    real, calls = peft_format.save_file, []
 
     def second_fails(*args, **kwargs):
         calls.append(1)
         return _enospc() if len(calls) == 2 else real(*args, **kwargs)
 
-    monkeypatch.setattr(lio, "save_file", second_fails)  # io writes every adapter file, checkpoints' too
+    monkeypatch.setattr(peft_format, "save_file", second_fails)  # io writes every adapter file, checkpoints' too
     code, err = run_train(capsys, "train", "--model", model_dir, "--data", data, "--output", out, *TRAIN)
     monkeypatch.undo()
     assert code == 1
     assert f"could not write {out / 'checkpoint-4'}" in err and "No space left on device" in err
     assert assert_checkpoints_complete(out, model_dir) == [2]
     assert not any(p.startswith(".") for p in os.listdir(out))  # no temp folder left behind
-    assert not (out / lio.WEIGHTS_NAME).exists()
+    assert not (out / peft_format.WEIGHTS_NAME).exists()
     assert run_train(capsys, "train", "--resume", out, "--quiet")[0] == 0
     assert json.loads((out / "trainer_state.json").read_text())["finished"]
 
@@ -454,19 +453,19 @@ def test_full_disk_at_the_final_adapter_keeps_the_checkpoints_and_resume_complet
                                                                                    capsys):
     model_dir, data = files
     out = tmp_path / "run"
-    real = lio.save_file
+    real = peft_format.save_file
 
     def final_adapter_fails(tensors, filename, *args, **kwargs):  # checkpoints are written inside their own folder
         return _enospc() if Path(filename).parent == out else real(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(lio, "save_file", final_adapter_fails)
+    monkeypatch.setattr(peft_format, "save_file", final_adapter_fails)
     code, err = run_train(capsys, "train", "--model", model_dir, "--data", data, "--output", out, *TRAIN)
     monkeypatch.undo()
-    assert code == 1 and f"could not write {out / lio.WEIGHTS_NAME}" in err
+    assert code == 1 and f"could not write {out / peft_format.WEIGHTS_NAME}" in err
     assert assert_checkpoints_complete(out, model_dir) == list(range(2, 13, 2))
     assert not any(p.startswith(".") for p in os.listdir(out)) and not (out / "trainer_state.json").exists()
     assert run_train(capsys, "train", "--resume", out, "--quiet")[0] == 0
-    lio.read_adapter(out)
+    peft_format.read_adapter(out)
 
 
 # --- non-finite losses --------------------------------------------------------------------------------------
@@ -485,7 +484,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(files, tm
     assert code == 1
     assert "loss became nan at step 5" in err and f"the last good checkpoint is {out / 'checkpoint-4'}" in err
     assert assert_checkpoints_complete(out, model_dir) == [2, 4]  # finite (read_adapter checks) and loadable
-    assert not (out / lio.WEIGHTS_NAME).exists() and not (out / "trainer_state.json").exists()
+    assert not (out / peft_format.WEIGHTS_NAME).exists() and not (out / "trainer_state.json").exists()
 
 
 class NanGradient(torch.autograd.Function):

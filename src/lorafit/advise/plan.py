@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .. import fused
-from ..config import LoraConfig
 from ..layers import adapter_shapes, magnitude_shape
+from ..lora_config import LoraConfig
 from ..targets import Target, output_layer_names, select_targets
 
 MiB = 2**20

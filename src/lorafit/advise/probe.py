@@ -49,11 +49,11 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..config import LoraConfig
 from ..errors import ConfigError
-from .gauss_newton import newton_step, output_grads, recorded_calls
 from ..layers import in_out_features
+from ..lora_config import LoraConfig
 from ..targets import select_targets
+from .gauss_newton import newton_step, output_grads, recorded_calls
 from .suggest import LORA_ALPHA
 
 SIMPLE_MAX = 8  # the design note's simple-task range is r = 4-8

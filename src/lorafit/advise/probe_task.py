@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, Union
 
-from ..train.config import TrainConfig
 from ..train.data import sample_batches
 from ..train.loop import load_for
+from ..train.train_config import TrainConfig
 from .probe import ProbeResult, probe
 from .suggest import parse_count
 

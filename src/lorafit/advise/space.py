@@ -21,8 +21,8 @@ from typing import Optional
 
 from torch import nn
 
-from ..config import LoraConfig
 from ..errors import ConfigError
+from ..lora_config import LoraConfig
 
 TARGET_SETS = ("qv", "attention", "mlp", "all-linear", "probed")
 KNOBS = ("r", "targets", "alpha", "rslora", "dora", "lr")
@@ -148,7 +148,7 @@ def trial_lora(model: nn.Module, params: dict, probed: Optional[LoraConfig] = No
                    use_dora=bool(params["dora"]))
 
 
-def describe(params: dict) -> str:
+def trial_label(params: dict) -> str:
     """A short line for a point: "r=8 all-linear alpha=16 lora lr=8.4e-04"."""
     variant = "+".join(v for v, on in (("dora", params.get("dora")), ("rslora", params.get("rslora"))) if on)
     return (f"r={params.get('r')} {params.get('targets')} alpha={params.get('alpha', 0):g} {variant or 'lora'} "

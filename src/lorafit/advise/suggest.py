@@ -44,12 +44,12 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import layer_kind
-from .plan import MemoryEstimate, adapter_parameters, estimate_memory
+from ..lora_config import LoraConfig
 from ..ops import scaling
 from ..targets import output_layer_names, select_targets
+from .plan import MemoryEstimate, adapter_parameters, estimate_memory
 
 COMPLEXITIES = ("simple", "complex")
 GOALS = ("quality", "efficiency")

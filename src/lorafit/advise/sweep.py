@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..config import LoraConfig
 from ..errors import ConfigError
+from ..lora_config import LoraConfig
 from .suggest import LORA_ALPHA
 
 GRID_KEYS = ("r", "targets", "variant", "alpha")

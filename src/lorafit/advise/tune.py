@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import LoraConfig
 from ..errors import ConfigError
-from .space import Space, describe, sample, trial_lora, within
+from ..lora_config import LoraConfig
+from .space import Space, sample, trial_label, trial_lora, within
 
 DRIVERS = {"postgresql": "psycopg2-binary", "postgres": "psycopg2-binary", "postgresql+psycopg2": "psycopg2-binary",
            "postgresql+psycopg": "psycopg", "mysql": "mysqlclient", "mysql+pymysql": "PyMySQL",
@@ -252,7 +252,7 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    from ..train.config import TrainConfig
+    from ..train.train_config import TrainConfig
     from .suggest import lora_yaml
     from .trial import run_trial
 
@@ -316,9 +316,9 @@ def drain(study, storage, run: Callable[[object], None]) -> None:
 
 def work(job: TuneJob, ctx: Context, study, storage, say: Callable[[str], None]) -> None:
     """Run this worker's share of the study's trials (``drain``), one line per trial."""
-    import optuna
-
     import warnings
+
+    import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -334,7 +334,7 @@ def work(job: TuneJob, ctx: Context, study, storage, say: Callable[[str], None])
             best = None
         best_text = f"best {best.value:.4f} (trial {best.number})" if best else "best: none yet"
         total = c["done"] + c["waiting"] + c["running"]
-        say(f"[trial {trial.number}] {describe(trial.params)}: {text} | done {c['done']}/{total}"
+        say(f"[trial {trial.number}] {trial_label(trial.params)}: {text} | done {c['done']}/{total}"
             f": {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed | {best_text}")
 
     drain(study, storage, run)
@@ -494,8 +494,8 @@ def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Op
     """The worker's context, the first trials and the probe's complexity; the space gets its lr range (around
     suggest's learning rate). Reads the model's shapes and probes; writes nothing."""
     from ..hf import meta_model
-    from ..train.config import TrainConfig
     from ..train.loop import resolve_model_dir
+    from ..train.train_config import TrainConfig
     from .plan import current_rss
     from .trial import preload_model_type, start_server
 

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from .space import describe
+from .space import trial_label
 
 TOP = 3  # configurations re-trained with --seeds K
 COLUMNS = ("trial", "mark", "state", "r", "targets", "alpha", "variant", "lr", "trainable", "eval_loss",
@@ -61,7 +61,7 @@ def markdown(table: list[dict]) -> str:
              "|---:|---|---|---:|---:|---:|---|"]
     order = sorted(table, key=lambda r: (r["state"] != "complete", r["eval_loss"] is None, r["eval_loss"] or 0.0))
     for r in order:
-        name = describe(r["params"]) + (f" ({r['mark']})" if r["mark"] else "")
+        name = trial_label(r["params"]) + (f" ({r['mark']})" if r["mark"] else "")
         seeded = f"{r['mean']:.4f} ± {r['std']:.4f} ({r['seeds']})" if r["std"] is not None else ""
         loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         lines.append(f"| {r['trial']} | {name} | {r['state']} | {r['trainable'] or 0:,} | {loss} | {seeded} | "

@@ -7,11 +7,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DTYPES
+from ..lora_config import LoraConfig
 from ..quant import FORMATS
-from ..train.config import TrainConfig, default_lora
+from ..train.train_config import TrainConfig, default_lora
 from .common import positive_int, read_yaml, target_modules_arg
 from .train import require_quant
 
@@ -74,7 +74,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..advise.inspect import inspect_report
+    from ..advise.adapter_summary import inspect_report
 
     print(inspect_report(args.adapter))
     return 0

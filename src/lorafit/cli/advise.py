@@ -20,9 +20,8 @@ from pathlib import Path
 
 from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
-from ..train.config import default_dtype
-from .common import (RUN_NEEDS, non_negative_int, positive_int, read_yaml, require_demo, target_modules_arg,
-                     write_yaml)
+from ..train.train_config import default_dtype
+from .common import RUN_NEEDS, non_negative_int, positive_int, read_yaml, require_demo, target_modules_arg, write_yaml
 from .train import train_flags
 
 RUN_FLAGS = ("model", "data", "batch_size", "max_length", "seed")  # TrainConfig settings probe and sweep take
@@ -118,7 +117,7 @@ def _probed_point(args: argparse.Namespace, settings: dict, out: Path):
     OUT/probed.yaml, so that a resumed sweep sweeps the same point)."""
     from ..advise.probe_task import run_probe
     from ..advise.suggest import lora_yaml
-    from ..config import LoraConfig
+    from ..lora_config import LoraConfig
 
     probed_file = out / "probed.yaml" if args.include_probed == "" else Path(args.include_probed)
     if args.include_probed == "" and not probed_file.is_file():
@@ -138,7 +137,7 @@ def sweep_points(args: argparse.Namespace, settings: dict, out: Path, meta) -> t
     """({point name: LoraConfig}, {point name: mark}) for --grid, --include-probed and --include-suggested."""
     from ..advise.suggest import suggest
     from ..advise.sweep import parse_grid, point_config, point_name
-    from ..train.config import TrainConfig
+    from ..train.train_config import TrainConfig
 
     grid = parse_grid(args.grid) if args.grid else []
     if not grid and not args.include_suggested and args.include_probed is None:
@@ -161,10 +160,10 @@ def sweep_points(args: argparse.Namespace, settings: dict, out: Path, meta) -> t
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..hf import meta_model
     from ..advise.sweep import results_markdown, sweep
-    from ..train.config import TrainConfig
+    from ..hf import meta_model
     from ..train.loop import resolve_model_dir
+    from ..train.train_config import TrainConfig
 
     settings = _base_settings(args)
     out = Path(args.output or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))

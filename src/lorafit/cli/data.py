@@ -12,7 +12,7 @@ from .common import positive_int, require_demo
 def cmd_data(args: argparse.Namespace) -> int:
     from ..hf import check_model_dir, load_tokenizer, use_chat_template
     from ..train.data import read_examples
-    from ..train.datacheck import describe, marked, summary_text
+    from ..train.datacheck import marked, summary_text, token_report
 
     examples = read_examples(args.file)
     require_demo("data", args.model)
@@ -24,7 +24,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     tok = load_tokenizer(model_dir)
     if args.chat_template:
         use_chat_template(tok, args.chat_template)
-    records, summary = describe(examples, tok, max_length=args.max_length, train_on_prompt=args.train_on_prompt,
+    records, summary = token_report(examples, tok, max_length=args.max_length, train_on_prompt=args.train_on_prompt,
                                 name=str(args.file))
     if args.json:
         for r in records:

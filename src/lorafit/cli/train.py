@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config import LoraConfig
 from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
-from ..train.config import SWITCH, TrainConfig, default_dtype, default_lora, describe, settings, shown
+from ..lora_config import LoraConfig
+from ..train.train_config import SWITCH, TrainConfig, default_dtype, default_lora, field_help, settings, shown
 from .common import RUN_NEEDS, int_at_least, read_yaml, require, require_demo, target_modules_arg
 
 # flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
@@ -45,7 +45,7 @@ def train_flags() -> list[tuple[str, str, dict]]:
     for f in settings():
         check = f.metadata["check"]
         kw = dict(action=argparse.BooleanOptionalAction) if check is SWITCH else dict(type=_flag_type(check))
-        out.append((flag_name(f.name), f.name, dict(kw, help=describe(f, DEFAULT_JOB))))
+        out.append((flag_name(f.name), f.name, dict(kw, help=field_help(f, DEFAULT_JOB))))
     for flag, (name, typ) in LORA_FLAGS.items():
         kw = dict(action="store_const", const=True) if typ is None else dict(type=typ)
         out.append((flag, "lora." + name, dict(kw, help=_lora_help(name))))

@@ -4,8 +4,8 @@
 matplotlib), imported when a run starts, not when this package is imported.
 """
 
-from .config import TrainConfig
 from .data import Task
 from .loop import run
+from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "Task", "run"]

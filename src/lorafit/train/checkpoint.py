@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import io as lio
+from .. import peft_format
 from ..files import writing_dir
 
 
@@ -41,14 +41,14 @@ def save_checkpoint(out: Path, step: int, model, *, optim_state: dict, scheduler
 
     state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    tensors, config = lio.adapter_state_dict(model), lio.adapter_config_dict(model)
+    tensors, config = peft_format.adapter_state_dict(model), peft_format.adapter_config_dict(model)
     path = out / f"checkpoint-{step}"
     if d is not None and not d.main:
         barrier(d)
         return path
 
     with writing_dir(path) as tmp:
-        lio.write_adapter_files(tmp, tensors, config)
+        peft_format.write_adapter_files(tmp, tensors, config)
         torch.save(state, tmp / "trainer_state.pt")
     if d is not None:
         barrier(d)
@@ -60,7 +60,7 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     found = []
     for p in out.glob("checkpoint-*"):
         tail = p.name.split("-", 1)[1]
-        if tail.isdigit() and (p / "trainer_state.pt").is_file() and (p / lio.WEIGHTS_NAME).is_file():
+        if tail.isdigit() and (p / "trainer_state.pt").is_file() and (p / peft_format.WEIGHTS_NAME).is_file():
             found.append((int(tail), p))
     return max(found)[1] if found else None
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import csv
 import json
 import random
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from ..errors import ConfigError, DataError
 from ..hf import IGNORE
-
 
 ROLES = ("system", "user", "assistant", "tool")
 

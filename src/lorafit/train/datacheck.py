@@ -21,7 +21,7 @@ def trained_spans(row: dict) -> list[tuple[int, int]]:
     return spans
 
 
-def describe(examples: list[dict], tokenizer, *, max_length: int, add_eos: bool = True,
+def token_report(examples: list[dict], tokenizer, *, max_length: int, add_eos: bool = True,
              train_on_prompt: bool = False, batch_size: int = 8, name: str = "data") -> tuple[list[dict], dict]:
     """(one record per example: tokens, trained token count, trained text spans, cut/dropped; a summary)."""
     records, rows = [], []

@@ -24,8 +24,7 @@ from torch import nn
 
 from ..hf import unwrap  # noqa: F401 - part of this module's interface (wrap / unwrap)
 from ..tensors import is_quantized
-from .config import STRATEGIES
-
+from .train_config import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class Dist:
         return self.world > 1
 
 
-def setup(timeout_s: float = 300) -> Dist:
+def init_distributed(timeout_s: float = 300) -> Dist:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a single
     process without those variables runs alone. ``timeout_s`` bounds every collective, so a dead peer ends the
     job with an error instead of a hang."""

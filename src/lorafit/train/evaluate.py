@@ -14,9 +14,9 @@ from typing import Optional
 
 from ..generate import decode, generate, render
 from ..model import disabled
-from .config import TrainConfig
 from .data import Task, answer_choices
 from .loop import evaluate
+from .train_config import TrainConfig
 
 
 def prompt_and_reference(example: dict) -> Optional[tuple[dict, str]]:

@@ -1,6 +1,6 @@
 """Fine-tune a causal LM with LoRA: a resumable training loop with checkpoints, metrics and evaluation.
 
-``run`` reads as its steps: ``setup`` (check the input, load model and data, attach or restore the adapter) ->
+``run`` reads as its steps: ``prepare`` (check the input, load model and data, attach or restore the adapter) ->
 ``restore`` (optimizer, scheduler and RNG from the last checkpoint) -> ``fit`` (one ``train_step`` per optimizer
 step, evaluations and checkpoints between them) -> ``finish`` (final eval, adapter, report, summary).
 
@@ -30,18 +30,32 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import io as lio
+from .. import peft_format
 from ..errors import DataError, TrainingError
 from ..files import write_text
-from ..hf import (IGNORE, bf16_speed, check_model_dir, labelled_logits, load_model, native_bf16, token_loss_sum,
-                  use_chat_template)
+from ..hf import (
+    IGNORE,
+    bf16_speed,
+    check_model_dir,
+    labelled_logits,
+    load_model,
+    native_bf16,
+    token_loss_sum,
+    use_chat_template,
+)
 from ..model import adapter_parameter_names, attach, trainable_parameters
 from ..targets import output_layer_names, select_targets
 from . import distributed as D
-from .checkpoint import (append_metrics, latest_checkpoint, load_optimizer_state, optimizer_state, read_metrics,
-                         save_checkpoint)
-from .config import TrainConfig
+from .checkpoint import (
+    append_metrics,
+    latest_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    read_metrics,
+    save_checkpoint,
+)
 from .data import Task, batch_indices, collate, file_task, pack, tokenize_all
+from .train_config import TrainConfig
 
 
 def load_task(cfg: TrainConfig) -> Task:
@@ -139,7 +153,7 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False
 # --- the run ---------------------------------------------------------------------------------------------
 
 @dataclass
-class Run:
+class RunState:
     """The state of one run as its steps pass it along."""
 
     cfg: TrainConfig
@@ -197,7 +211,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     Bad input (data, model folder, LoRA config) raises before anything is written to the output folder. Under
     torchrun, every rank trains its share of each global batch and rank 0 writes the files.
     """
-    d = D.setup(cfg.dist_timeout)
+    d = D.init_distributed(cfg.dist_timeout)
     summary = _run(cfg, d, resume=resume, quiet=quiet)
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
     # reducer holds the process group) is freed while every peer is still there, then leave the group together.
@@ -207,80 +221,80 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
 
 
 def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool) -> dict:
-    r = Run(cfg, d, prepare_output(cfg, resume), _say(quiet) if d.main else (lambda msg: None),
+    state = RunState(cfg, d, prepare_output(cfg, resume), _say(quiet) if d.main else (lambda msg: None),
             show=not quiet and d.main, quiet=quiet)
-    state_file = r.out / "trainer_state.json"
+    state_file = state.out / "trainer_state.json"
     if resume and state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
-        r.say(f"{r.out}: this run is already finished; nothing to do")
+        state.say(f"{state.out}: this run is already finished; nothing to do")
         return json.loads(state_file.read_text())
-    setup(r, resume=resume)
-    restore(r)
-    before = fit(r)
-    return finish(r, before)
+    prepare(state, resume=resume)
+    restore(state)
+    before = fit(state)
+    return finish(state, before)
 
 
-def setup(r: Run, *, resume: bool) -> None:
+def prepare(state: RunState, *, resume: bool) -> None:
     """Load and check everything, then attach (or restore) the adapter and build the optimizer. Nothing is
     written before every rank has validated its input."""
-    cfg, d = r.cfg, r.d
-    if r.quiet or not d.main:
+    cfg, d = state.cfg, state.d
+    if state.quiet or not d.main:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    r.task = load_task(cfg)
-    r.model_dir = resolve_model_dir(cfg, progress=r.show)
-    model, r.tok = load_model(r.model_dir, cfg.dtype)
+    state.task = load_task(cfg)
+    state.model_dir = resolve_model_dir(cfg, progress=state.show)
+    model, state.tok = load_model(state.model_dir, cfg.dtype)
     if cfg.chat_template:
-        use_chat_template(r.tok, cfg.chat_template)
+        use_chat_template(state.tok, cfg.chat_template)
     select_targets(model, cfg.lora)  # a config that does not fit the model fails here, before any file is written
-    training_set(r)
-    check_bf16(r)
+    training_set(state)
+    check_bf16(state)
     if cfg.quantize:
-        quantize_base(r, model)
+        quantize_base(state, model)
     D.barrier(d)  # every rank has validated its input before rank 0 writes anything
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    r.ckpt = latest_checkpoint(r.out) if resume else None
-    lio.load(model, r.ckpt, name="default") if r.ckpt is not None else attach(model, cfg.lora)
+    state.ckpt = latest_checkpoint(state.out) if resume else None
+    peft_format.load(model, state.ckpt, name="default") if state.ckpt is not None else attach(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    r.strategy = D.choose_strategy(cfg.strategy, model, d) if d.enabled else "single"
-    r.core = model
-    r.model = D.wrap(model, r.strategy, d) if d.enabled else model
-    r.model.train()
-    names = set(adapter_parameter_names(r.core))
-    r.params = [p for n, p in r.core.named_parameters() if n in names]
-    r.optimizer = adamw(r.params, cfg.lr, cfg.weight_decay, fused=r.strategy != "fsdp")
-    r.scheduler = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(cfg, r.steps))
+    state.strategy = D.choose_strategy(cfg.strategy, model, d) if d.enabled else "single"
+    state.core = model
+    state.model = D.wrap(model, state.strategy, d) if d.enabled else model
+    state.model.train()
+    names = set(adapter_parameter_names(state.core))
+    state.params = [p for n, p in state.core.named_parameters() if n in names]
+    state.optimizer = adamw(state.params, cfg.lr, cfg.weight_decay, fused=state.strategy != "fsdp")
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lr_lambda(cfg, state.steps))
 
 
-def check_bf16(r: Run) -> None:
+def check_bf16(state: RunState) -> None:
     """A bfloat16 run where bf16 is slow still runs, with a warning that gives the speed measured here ((256, 256)
     matmuls timed in both dtypes, 5-10 ms, ``hf.bf16_speed``): on hardware without bf16 instructions (emulated), and
     on a CPU whose bf16 instructions time slower than float32 (avx512_bf16 without AMX on Intel)."""
-    if r.cfg.dtype != "bfloat16" or not r.d.main:
+    if state.cfg.dtype != "bfloat16" or not state.d.main:
         return
-    native, why = native_bf16(r.d.device.type)
-    if r.d.device.type != "cpu":
+    native, why = native_bf16(state.d.device.type)
+    if state.d.device.type != "cpu":
         if not native:
-            r.say(f"warning: dtype bfloat16, but {why}: bf16 is emulated; --dtype float32 is likely faster")
+            state.say(f"warning: dtype bfloat16, but {why}: bf16 is emulated; --dtype float32 is likely faster")
         return
     speed = bf16_speed()
     if not native:
-        r.say(f"warning: dtype bfloat16, but {why}: bf16 matmuls run {speed:.2g}x as fast as fp32 here; "
+        state.say(f"warning: dtype bfloat16, but {why}: bf16 matmuls run {speed:.2g}x as fast as fp32 here; "
               "--dtype float32 is likely faster")
     elif speed < 1:
-        r.say(f"warning: dtype bfloat16, but bf16 matmuls run {speed:.2g}x as fast as float32 here ({why}, but its "
+        state.say(f"warning: dtype bfloat16, but bf16 matmuls run {speed:.2g}x as fast as float32 here ({why}, but its "
               "bf16 kernels are slower than float32's); --dtype float32 is likely faster")
 
 
-def quantize_base(r: Run, model) -> None:
+def quantize_base(state: RunState, model) -> None:
     """QLoRA: the frozen base linears become ``cfg.quantize`` tensors (``lorafit.quant``: every linear layer but
     the output layer) before the adapter attaches; say how many, and which weight matrices stay in float."""
     from ..quant import quantize, skipped
 
-    fmt = r.cfg.quantize
+    fmt = state.cfg.quantize
     reasons = dict(skipped(model, fmt=fmt))
     names = set(quantize(model, fmt))
     heads = output_layer_names(model)
@@ -288,140 +302,145 @@ def quantize_base(r: Run, model) -> None:
             for n, m in model.named_modules() if n not in names and isinstance(getattr(m, "weight", None), torch.Tensor)
             and m.weight.dim() >= 2]
     more = f" and {len(kept) - 4} more" if len(kept) > 4 else ""
-    r.say(f"quantized {len(names)} linear layers to {fmt} ({r.cfg.dtype} compute)"
-          + (f"; kept in {r.cfg.dtype}: {', '.join(kept[:4])}{more}" if kept else ""))
+    state.say(f"quantized {len(names)} linear layers to {fmt} ({state.cfg.dtype} compute)"
+              + (f"; kept in {state.cfg.dtype}: {', '.join(kept[:4])}{more}" if kept else ""))
 
 
-def training_set(r: Run) -> None:
+def training_set(state: RunState) -> None:
     """Tokenize (and with ``pack``, pack) the training split, check it holds something to learn from for one
     global batch, and set the number of steps."""
-    cfg, d = r.cfg, r.d
-    r.train_set, r.counts = tokenize_all(r.task.train, r.tok, cfg.max_length, cfg.add_eos,
+    cfg, d = state.cfg, state.d
+    state.train_set, state.counts = tokenize_all(state.task.train, state.tok, cfg.max_length, cfg.add_eos,
                                          train_on_prompt=cfg.train_on_prompt, name=str(cfg.data or "the task"))
     if cfg.pack:
-        if any("text" not in e for e in r.task.train):
+        if any("text" not in e for e in state.task.train):
             raise DataError(f"--pack joins text examples into blocks; {cfg.data or 'the task'} is not {{\"text\"}} "
                             "data (prompt/completion and conversations keep one example per row)")
-        r.train_set = pack(r.train_set, cfg.max_length, r.tok.eos_token_id)
-    if not any(lab != IGNORE for ex in r.train_set for lab in ex["labels"][1:]):
+        state.train_set = pack(state.train_set, cfg.max_length, state.tok.eos_token_id)
+    if not any(lab != IGNORE for ex in state.train_set for lab in ex["labels"][1:]):
         raise DataError(f"no training example of {cfg.data or 'the task'} has a token to predict (each needs at "
                         "least 2 tokens, or a non-empty completion); add longer examples")
     global_batch = cfg.batch_size * d.world
-    if len(r.train_set) < global_batch:
-        raise DataError(f"the training split has {len(r.train_set)} examples, fewer than one global batch "
+    if len(state.train_set) < global_batch:
+        raise DataError(f"the training split has {len(state.train_set)} examples, fewer than one global batch "
                         f"({cfg.batch_size} x {d.world} processes); add data or lower --batch-size")
-    r.steps = math.ceil(cfg.epochs * len(r.train_set) / (global_batch * cfg.grad_accum)) if cfg.epochs \
+    state.steps = math.ceil(cfg.epochs * len(state.train_set) / (global_batch * cfg.grad_accum)) if cfg.epochs \
         else cfg.steps
 
 
-def restore(r: Run) -> None:
+def restore(state: RunState) -> None:
     """Continue from the last checkpoint (optimizer, scheduler, RNG, step), and (re)write the run folder's
     config.yaml and the metrics kept up to that step."""
     import yaml
 
-    if r.ckpt is not None:
-        state = torch.load(r.ckpt / "trainer_state.pt", weights_only=False)
-        load_optimizer_state(r.model, r.optimizer, state["optimizer"], r.strategy)
-        r.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        r.start = state["step"]
-        r.say(f"resuming {r.out} from {r.ckpt.name}")
-    r.kept = [m for m in read_metrics(r.out) if m["step"] <= r.start and (r.start > 0 or m.get("kind") == "eval")]
-    if r.d.main:
-        r.out.mkdir(parents=True, exist_ok=True)
-        write_text(r.out / "config.yaml", yaml.safe_dump(r.cfg.to_dict(), sort_keys=False))
-        write_text(r.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in r.kept))
-    n_train, n_total = trainable_parameters(r.core)
-    r.say(f"model {r.model_dir} | trainable {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.3f}%) "
-          f"| {len(r.train_set)} train / {len(r.task.eval)} eval examples{_cut_note(r.counts)} | {r.steps} steps"
-          + (f" | {r.d.world} processes, {r.strategy}" if r.d.enabled else ""))
+    if state.ckpt is not None:
+        saved = torch.load(state.ckpt / "trainer_state.pt", weights_only=False)
+        load_optimizer_state(state.model, state.optimizer, saved["optimizer"], state.strategy)
+        state.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
+        state.start = saved["step"]
+        state.say(f"resuming {state.out} from {state.ckpt.name}")
+    start = state.start
+    state.kept = [m for m in read_metrics(state.out) if m["step"] <= start and (start > 0 or m.get("kind") == "eval")]
+    if state.d.main:
+        state.out.mkdir(parents=True, exist_ok=True)
+        write_text(state.out / "config.yaml", yaml.safe_dump(state.cfg.to_dict(), sort_keys=False))
+        write_text(state.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.kept))
+    n_train, n_total = trainable_parameters(state.core)
+    state.say(f"model {state.model_dir} | trainable {n_train:,} of {n_total:,} parameters "
+              f"({100 * n_train / n_total:.3f}%) | {len(state.train_set)} train / {len(state.task.eval)} eval "
+              f"examples{_cut_note(state.counts)} | {state.steps} steps"
+              + (f" | {state.d.world} processes, {state.strategy}" if state.d.enabled else ""))
 
 
-def fit(r: Run) -> dict:
+def fit(state: RunState) -> dict:
     """Evaluate before training (unless a resumed run has it), then train from step ``start`` to the end with
     evaluations and checkpoints as configured. Returns the eval before training."""
     from tqdm.auto import tqdm
 
-    cfg = r.cfg
-    before = next((m for m in r.kept if m.get("kind") == "eval" and m["step"] == 0), None)
+    cfg = state.cfg
+    before = next((m for m in state.kept if m.get("kind") == "eval" and m["step"] == 0), None)
     if before is None:
-        before = {"step": 0, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, progress=r.show, d=r.d)}
-        r.log(before)
-        r.say(f"before training: {_fmt(before)}")
-    lengths = [len(t["input_ids"]) for t in r.train_set] if cfg.group_by_length else None
-    batches = batch_indices(len(r.train_set), cfg.batch_size * r.d.world, cfg.seed, start=r.start * cfg.grad_accum,
-                            lengths=lengths)
-    bar = tqdm(total=r.steps, initial=r.start, desc="training", disable=not r.show, dynamic_ncols=True)
-    for step in range(r.start + 1, r.steps + 1):
-        loss, norm = train_step(r, batches, step)
-        r.log({"step": step, "loss": loss, "lr": r.scheduler.get_last_lr()[0], "grad_norm": norm,
-               "elapsed": round(time.time() - r.t0, 2)})
+        scores = evaluate(state.model, state.tok, state.task, cfg, progress=state.show, d=state.d)
+        before = {"step": 0, "kind": "eval", **scores}
+        state.log(before)
+        state.say(f"before training: {_fmt(before)}")
+    lengths = [len(t["input_ids"]) for t in state.train_set] if cfg.group_by_length else None
+    batches = batch_indices(len(state.train_set), cfg.batch_size * state.d.world, cfg.seed,
+                            start=state.start * cfg.grad_accum, lengths=lengths)
+    bar = tqdm(total=state.steps, initial=state.start, desc="training", disable=not state.show, dynamic_ncols=True)
+    for step in range(state.start + 1, state.steps + 1):
+        loss, norm = train_step(state, batches, step)
+        state.log({"step": step, "loss": loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": norm,
+                   "elapsed": round(time.time() - state.t0, 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if r.quiet and (step % max(1, r.steps // 10) == 0 or step == r.steps):
-            r.say(f"step {step}/{r.steps} loss {loss:.4f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != r.steps:
-            ev = {"step": step, "kind": "eval", **evaluate(r.model, r.tok, r.task, cfg, d=r.d)}
-            r.log(ev)
-            r.say(f"step {step}: {_fmt(ev)}")
+        if state.quiet and (step % max(1, state.steps // 10) == 0 or step == state.steps):
+            state.say(f"step {step}/{state.steps} loss {loss:.4f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != state.steps:
+            ev = {"step": step, "kind": "eval", **evaluate(state.model, state.tok, state.task, cfg, d=state.d)}
+            state.log(ev)
+            state.say(f"step {step}: {_fmt(ev)}")
         if cfg.save_every and step % cfg.save_every == 0:
-            r.ckpt = save_checkpoint(r.out, step, r.core, optim_state=optimizer_state(r.model, r.optimizer, r.strategy),
-                                     scheduler=r.scheduler, d=r.d)
+            optim_state = optimizer_state(state.model, state.optimizer, state.strategy)
+            state.ckpt = save_checkpoint(state.out, step, state.core, optim_state=optim_state,
+                                         scheduler=state.scheduler, d=state.d)
     bar.close()
     return before
 
 
-def train_step(r: Run, batches, step: int) -> tuple[float, float]:
+def train_step(state: RunState, batches, step: int) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches: the loss is the mean over every labelled token of the
     global batch. Returns (loss, gradient norm); a non-finite loss or gradient stops the run before the update."""
-    cfg, d = r.cfg, r.d
+    cfg, d = state.cfg, state.d
     micro = []
     for _ in range(cfg.grad_accum):
         idx = next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
-        micro.append(collate([r.train_set[i] for i in idx], r.tok.pad_token_id))
+        micro.append(collate([state.train_set[i] for i in idx], state.tok.pad_token_id))
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
     (n_tokens,) = D.all_sum([float(local_tokens)], d)  # the step's loss is the mean over all its tokens
     local_loss = 0.0
     for k, batch in enumerate(micro):
-        sync = k == len(micro) - 1 or r.strategy != "ddp"
-        with (contextlib.nullcontext() if sync else r.model.no_sync()):
-            loss_sum = token_loss_sum(r.model, batch)
+        sync = k == len(micro) - 1 or state.strategy != "ddp"
+        with (contextlib.nullcontext() if sync else state.model.no_sync()):
+            loss_sum = token_loss_sum(state.model, batch)
             if not torch.isfinite(loss_sum):
-                raise r.stopping(f"loss became {loss_sum.item()}", step)
+                raise state.stopping(f"loss became {loss_sum.item()}", step)
             (loss_sum * (d.world / max(n_tokens, 1.0))).backward()  # DDP averages over ranks: undo it
         local_loss += loss_sum.item()
     (total,) = D.all_sum([local_loss], d)
-    norm = torch.nn.utils.clip_grad_norm_(r.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     if not torch.isfinite(norm):
-        raise r.stopping("gradients became non-finite", step, before_update=True)
-    r.optimizer.step()
-    r.scheduler.step()
-    r.optimizer.zero_grad(set_to_none=True)
+        raise state.stopping("gradients became non-finite", step, before_update=True)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
     return total / max(n_tokens, 1.0), float(norm)
 
 
-def finish(r: Run, before: dict) -> dict:
+def finish(state: RunState, before: dict) -> dict:
     """The final evaluation, adapter, report.png and trainer_state.json (rank 0 writes; all ranks gather)."""
-    after = {"step": r.steps, "kind": "eval", **evaluate(r.model, r.tok, r.task, r.cfg, progress=r.show, d=r.d)}
-    r.log(after)
-    divergence = D.max_divergence(r.params, r.d) if r.strategy == "ddp" else None
-    tensors = lio.adapter_state_dict(r.core)  # a collective under FSDP: every rank gathers
-    n_train, n_total = trainable_parameters(r.core)
-    summary = {"finished": True, "steps": r.steps, "before": before, "after": after, "trainable": n_train,
-               "total": n_total, "wall_time_s": round(time.time() - r.t0, 1), "output": str(r.out),
+    scores = evaluate(state.model, state.tok, state.task, state.cfg, progress=state.show, d=state.d)
+    after = {"step": state.steps, "kind": "eval", **scores}
+    state.log(after)
+    divergence = D.max_divergence(state.params, state.d) if state.strategy == "ddp" else None
+    tensors = peft_format.adapter_state_dict(state.core)  # a collective under FSDP: every rank gathers
+    n_train, n_total = trainable_parameters(state.core)
+    summary = {"finished": True, "steps": state.steps, "before": before, "after": after, "trainable": n_train,
+               "total": n_total, "wall_time_s": round(time.time() - state.t0, 1), "output": str(state.out),
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "processes": r.d.world, "strategy": r.strategy, "max_rank_divergence": divergence}
-    if r.d.main:
-        lio.write_adapter(r.core, r.out, tensors)
+               "processes": state.d.world, "strategy": state.strategy, "max_rank_divergence": divergence}
+    if state.d.main:
+        peft_format.write_adapter(state.core, state.out, tensors)
         from .report import plot_run
-        plot_run(read_metrics(r.out), r.out / "report.png", title=f"lorafit: {r.task.name}")
-        write_text(r.out / "trainer_state.json", json.dumps(summary, indent=2))
-    r.say(f"after training:  {_fmt(after)}")
-    if r.cfg.data is None and not r.d.enabled:
-        show_answers(r.core, r.tok, r.task.eval[:3], r.say)
-    r.say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, "
-          f"config.yaml, metrics.jsonl and report.png in {r.out}")
+        plot_run(read_metrics(state.out), state.out / "report.png", title=f"lorafit: {state.task.name}")
+        write_text(state.out / "trainer_state.json", json.dumps(summary, indent=2))
+    state.say(f"after training:  {_fmt(after)}")
+    if state.cfg.data is None and not state.d.enabled:
+        show_answers(state.core, state.tok, state.task.eval[:3], state.say)
+    state.say(f"done in {summary['wall_time_s']:.0f} s (peak memory {summary['peak_rss_mib']:.0f} MiB); adapter, "
+              f"config.yaml, metrics.jsonl and report.png in {state.out}")
     return summary
 
 

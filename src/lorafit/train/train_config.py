@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import BF16_MIN_SPEEDUP, DTYPES, bf16_speed, native_bf16
+from ..lora_config import LoraConfig
 from ..quant import FORMATS
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -197,7 +197,7 @@ def shown(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
 
-def describe(f: dataclasses.Field, demo: Optional[dict] = None) -> str:
+def field_help(f: dataclasses.Field, demo: Optional[dict] = None) -> str:
     """One setting's help line with its default (and the demo job's value, where it differs)."""
     text = f.metadata["help"]
     if not f.metadata["show_default"]:

@@ -33,11 +33,17 @@ from typing import Union
 import torch
 from torch import nn
 
-from .config import LoraConfig
 from .errors import AdapterError
-from .io import (adapter_config_dict, adapter_parameters, adapter_state_dict, read_adapter, transformers_tensors,
-                 write_adapter)
+from .lora_config import LoraConfig
 from .model import has_adapter, state_of
+from .peft_format import (
+    adapter_config_dict,
+    adapter_parameters,
+    adapter_state_dict,
+    read_adapter,
+    transformers_tensors,
+    write_adapter,
+)
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_factors
 from ..ops import lora_product, scaling
+from ..peft_format import read_factors
 from ..targets import pattern_key
 
 

@@ -1,5 +1,5 @@
 """lorafit adapters with transformers' own PEFT integration (``load_adapter``) and training loops (``Trainer``,
-TRL's ``SFTTrainer``) through ``lorafit.trainer.adapter_checkpoints``.
+TRL's ``SFTTrainer``) through ``lorafit.hf_trainer.adapter_checkpoints``.
 
 Tolerances: lorafit and PEFT/transformers compute the same function in different orders, so logits agree to rounding
 (``close_to_scale``, 1e-5 of the largest |logit|); a resumed run replays the same float operations as an
@@ -18,8 +18,8 @@ import torch
 import lorafit
 from helpers import close, close_to_scale, make_model_dir, make_tokenizer, perturb_trainable
 from lorafit.errors import AdapterError
-from lorafit.io import adapter_state_dict
-from lorafit.trainer import adapter_checkpoints, load_adapter, restore_adapter
+from lorafit.hf_trainer import adapter_checkpoints, load_adapter, restore_adapter
+from lorafit.peft_format import adapter_state_dict
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -42,7 +42,7 @@ DORA_UPSTREAM = ("transformers 5's load_adapter renames file keys with PEFT's bu
                  "the on-disk `lora_magnitude_vector` to `lora_magnitude_vector.default` instead of "
                  "`...default.weight` (PeftModel's own loader adds the `.weight`): DoRA magnitudes are reported "
                  "UNEXPECTED/MISSING and left at their init. Adapters saved by PEFT itself fail the same way; "
-                 "lorafit.trainer.load_adapter works around it (next test).")
+                 "lorafit.hf_trainer.load_adapter works around it (next test).")
 
 LOAD_ADAPTER_CASES = {
     "lora": dict(target_modules="all-linear"),
@@ -75,7 +75,7 @@ def test_transformers_load_adapter_reads_lorafit_folders(case, llama_dir, tmp_pa
 
 @pytest.mark.parametrize("case", list(LOAD_ADAPTER_CASES))
 def test_lorafit_load_adapter_reads_every_variant_into_transformers(case, llama_dir, tmp_path):
-    """``lorafit.trainer.load_adapter(hf_model, folder)``: transformers' own load_adapter, given the file's tensors
+    """``lorafit.hf_trainer.load_adapter(hf_model, folder)``: transformers' own load_adapter, given the file's tensors
     with the magnitude keys its renaming maps (the workaround for the DoRA case above); PEFT's own DoRA folder too."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

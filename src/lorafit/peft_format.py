@@ -29,12 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 from .files import atomic_dir, replace_file
+from .layers import adapter_shapes, magnitude_shape
+from .lora_config import LoraConfig
 from .model import DEFAULT, adapter_layers, adapter_parameter_names, attach, check_new, state_of
 from .targets import modules_to_save, select_targets
-from .layers import adapter_shapes, magnitude_shape
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

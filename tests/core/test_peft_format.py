@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorafit
-from lorafit import AdapterError, LoraConfig
-
 from helpers import example_input, perturb_trainable, run, tiny_gpt2, tiny_llama
+from lorafit import AdapterError, LoraConfig
 
 CFG = dict(target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
 
@@ -73,7 +72,7 @@ def test_save_overwrites_atomically(adapter, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorafit.io, "save_file", crash)
+    monkeypatch.setattr(lorafit.peft_format, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         lorafit.save(model, path)
     assert (path / "adapter_model.safetensors").read_bytes() == old  # the previous adapter is intact
