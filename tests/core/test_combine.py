@@ -257,17 +257,22 @@ def test_one_adapter_is_combined_linearly_as_peft():
 
 
 def test_rslora_adapters_get_scale_one():
-    """PEFT 0.21 copies use_rslora to the new adapter, so its s = r/√r = √r multiplies factors that already hold
-    w_i·s_i. lorafit's new adapter has s = 1: its factors are PEFT's, its ΔW is PEFT's factors' B·A."""
+    """The new adapter of RSLoRA adapters has s = 1: its factors already hold w_i·s_i, so its ΔW is B·A. PEFT up to
+    0.21 copied use_rslora to the new adapter (s = r/√r = √r = 2 here, on the same factors); PEFT 0.22 sets it to
+    False, so that its s is 1 too and its ΔW is lorafit's. Either way lorafit's ΔW is PEFT's factors' B·A."""
     specs = {n: dict(kw, use_rslora=True) for n, kw in SAME_RANK.items()}
     _, ours, ref = build("llama", specs)
     lorafit.combine(ours, WEIGHTS, "linear", name="mix")
     peft_combine(ref, WEIGHTS, "linear")
     got = our_deltas(ours, "mix")
+    old_peft = tuple(int(v) for v in peft.__version__.split(".")[:2]) < (0, 22)
     for n, delta in got.items():
         m = ref.get_submodule("base_model.model." + n)
+        assert ours.get_submodule(n).adapters["mix"].scaling == 1.0
         close_to_scale(delta, m.lora_B["mix"].weight @ m.lora_A["mix"].weight, rtol=RTOL)
-        assert m.scaling["mix"] == 2.0  # PEFT's √4
+        assert m.scaling["mix"] == (2.0 if old_peft else 1.0), (peft.__version__, m.scaling["mix"])  # √4 or 1
+    if not old_peft:
+        close_to_scale(got, peft_deltas(ref, got), rtol=RTOL)  # and PEFT's own ΔW equals it
 
 
 # --- bad input: a clear error, the model unchanged ---------------------------------------------------------------
