@@ -86,11 +86,12 @@ def test_chat_training_then_eval_compares_base_and_adapted(files, tmp_path, caps
     assert result["adapted"]["sentiment_accuracy"] >= result["base"]["sentiment_accuracy"]
 
 
-def test_show_answers_prints_base_and_fine_tuned_greedy_answers(files):
+def test_show_answers_prints_base_and_fine_tuned_greedy_answers(files, monkeypatch):
     """The default job's closing lines: base -> fine-tuned answers on held-out reviews (generate at temperature 0,
     with the adapter disabled for the base)."""
     import lorafit
     from helpers import perturb_trainable
+    from lorafit import generate
     from lorafit.hf import load_model
     from lorafit.train.loop import show_answers
 
@@ -100,6 +101,11 @@ def test_show_answers_prints_base_and_fine_tuned_greedy_answers(files):
     perturb_trainable(model, std=0.5)
     lines = []
     examples = [{"prompt": f"Review: {t}\nSentiment:", "completion": f" {label}"} for t, label in REVIEWS[:2]]
+    lengths, real = [], generate.generate
+    monkeypatch.setattr(generate, "generate", lambda *a, max_new_tokens, **kw: lengths.append(max_new_tokens)
+                        or real(*a, max_new_tokens=max_new_tokens, **kw))
     show_answers(model, tok, examples, lines.append)
     assert len(lines) == 3 and lines[0].startswith("greedy answers on held-out examples")
     assert lines[1].startswith("  'Review: the movie was good': ") and lines[1].endswith("expected 'positive'")
+    # each answer is cut at the expected answer's length in tokens (the demo trains without EOS)
+    assert lengths == [len(tok(e["completion"], add_special_tokens=False)["input_ids"]) for e in examples for _ in "bt"]
