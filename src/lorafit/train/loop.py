@@ -444,19 +444,22 @@ def finish(state: RunState, before: dict) -> dict:
     return summary
 
 
-def show_answers(model, tok, examples: list[dict], say: Callable[[str], None], *, max_new_tokens: int = 3) -> None:
+def show_answers(model, tok, examples: list[dict], say: Callable[[str], None]) -> None:
     """Greedy answers of the base model (adapters disabled) and of the fine-tuned one, on a few held-out
-    prompt/completion examples."""
+    prompt/completion examples, each cut at the length in tokens of the expected answer: the default job trains
+    without EOS (its answer is one token, scored by choice accuracy), so a longer greedy answer would run on past
+    the answer it was taught and repeat it."""
     from ..generate import decode, generate, render
     from ..model import disabled
 
     model.eval()
-    say("greedy answers on held-out examples (base -> fine-tuned, expected):")
+    say("greedy answers on held-out examples, as long as the expected answer (base -> fine-tuned, expected):")
     for e in examples:
         ids = render(tok, prompt=e["prompt"], raw=True)
+        n = max(1, len(tok(e["completion"], add_special_tokens=False)["input_ids"]))
         with disabled(model):
-            base = decode(tok, generate(model, tok, ids, max_new_tokens=max_new_tokens))
-        tuned = decode(tok, generate(model, tok, ids, max_new_tokens=max_new_tokens))
+            base = decode(tok, generate(model, tok, ids, max_new_tokens=n))
+        tuned = decode(tok, generate(model, tok, ids, max_new_tokens=n))
         text = e["prompt"].splitlines()[0][:70]
         say(f"  {text!r}: {base.strip()!r} -> {tuned.strip()!r}, expected {e['completion'].strip()!r}")
 
