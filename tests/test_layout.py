@@ -42,6 +42,21 @@ def test_no_module_is_named_like_a_standard_library_module():
     assert not clashes, clashes
 
 
+def test_the_old_module_names_still_import_with_a_deprecation_warning():
+    """``lorafit.io`` and ``lorafit.trainer`` (the names of 0.1.0's first releases) import without a file of that
+    name, and warn on first use."""
+    code = ("import sys, warnings\nimport lorafit\nassert 'transformers' not in sys.modules\n"
+            "warnings.simplefilter('error', DeprecationWarning)\nimport lorafit.io, lorafit.trainer\n"
+            "for old, name in ((lorafit.io, 'adapter_state_dict'), (lorafit.trainer, 'load_adapter')):\n"
+            "    try:\n        getattr(old, name)\n    except DeprecationWarning as e:\n        print(e)\n"
+            "warnings.simplefilter('ignore', DeprecationWarning)\n"
+            "from lorafit.io import adapter_state_dict\nfrom lorafit.peft_format import adapter_state_dict as new\n"
+            "assert adapter_state_dict is new\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert out.splitlines() == ["lorafit.io is now lorafit.peft_format; the old name goes in lorafit 0.2",
+                                "lorafit.trainer is now lorafit.hf_trainer; the old name goes in lorafit 0.2"]
+
+
 def _loaded_after(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
                          capture_output=True, text=True, timeout=300, check=True).stdout

@@ -15,6 +15,11 @@ functions that need them.
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+import warnings  # noqa: E402
+
 from .advise.plan import plan  # noqa: E402
 from .advise.probe import probe  # noqa: E402
 from .advise.suggest import suggest  # noqa: E402
@@ -33,3 +38,27 @@ __all__ = ["LoraConfig", "ConfigError", "AdapterError", "DataError", "TrainingEr
            "combine", "quantize", "dequantize",
            "plan", "probe", "suggest",
            "__version__"]
+
+
+class _RenamedModule(types.ModuleType):
+    """A module's old name, kept for the 0.1 series: importing it works, and its first attribute read imports the
+    new module and warns once (DeprecationWarning). No file carries the old name, so none shadows the standard
+    library's ``io``."""
+
+    def __init__(self, old: str, new: str):
+        super().__init__(f"{__name__}.{old}")
+        self._new = f"{__name__}.{new}"
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        module = importlib.import_module(self._new)
+        warnings.warn(f"{self.__name__} is now {self._new}; the old name goes in lorafit 0.2", DeprecationWarning,
+                      stacklevel=2)
+        self.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        return getattr(module, attr)
+
+
+for _old, _new in (("io", "peft_format"), ("trainer", "hf_trainer")):
+    sys.modules[f"{__name__}.{_old}"] = globals()[_old] = _RenamedModule(_old, _new)
+del _old, _new

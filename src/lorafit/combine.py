@@ -34,8 +34,9 @@ later adapter (``lorafit.set_active``). As in PEFT, combining a single adapter i
 
 Where lorafit differs from PEFT 0.21: an error where PEFT returns silently (a taken name) or builds something else
 than it says (DoRA adapters, whose magnitudes it drops; RSLoRA adapters, whose flag PEFT up to 0.21 copies to the
-new adapter, scaling it by √r instead of 1; PEFT 0.22 gives it s = 1, as lorafit does); ranks are compared module by module; a module with min(out, in) below the
-SVD rank keeps all its singular values; an SVD of a Conv1d update is of its (out, in·k) matrix.
+new adapter, scaling it by √r instead of 1; PEFT 0.22 gives it s = 1, as lorafit does); ranks are compared module
+by module; a module with min(out, in) below the SVD rank keeps all its singular values; an SVD of a Conv1d update
+is of its (out, in·k) matrix.
 """
 
 from __future__ import annotations
