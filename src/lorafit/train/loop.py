@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import peft_format
 from ..errors import DataError, TrainingError
-from ..files import write_text
+from ..files import read_json, write_json, write_text
 from ..hf import (
     IGNORE,
     bf16_speed,
@@ -224,9 +224,10 @@ def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool) -> dict:
     state = RunState(cfg, d, prepare_output(cfg, resume), _say(quiet) if d.main else (lambda msg: None),
             show=not quiet and d.main, quiet=quiet)
     state_file = state.out / "trainer_state.json"
-    if resume and state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
+    summary = read_json(state_file, error=DataError) if resume and state_file.is_file() else {}
+    if summary.get("finished"):
         state.say(f"{state.out}: this run is already finished; nothing to do")
-        return json.loads(state_file.read_text())
+        return summary
     prepare(state, resume=resume)
     restore(state)
     before = fit(state)
@@ -435,7 +436,7 @@ def finish(state: RunState, before: dict) -> dict:
         peft_format.write_adapter(state.core, state.out, tensors)
         from .report import plot_run
         plot_run(read_metrics(state.out), state.out / "report.png", title=f"lorafit: {state.task.name}")
-        write_text(state.out / "trainer_state.json", json.dumps(summary, indent=2))
+        write_json(state.out / "trainer_state.json", summary)
     state.say(f"after training:  {_fmt(after)}")
     if state.cfg.data is None and not state.d.enabled:
         show_answers(state.core, state.tok, state.task.eval[:3], state.say)
