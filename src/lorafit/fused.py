@@ -98,12 +98,11 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
     16-bit float ``dtype``, as its 1.0 and 0.0 (``mask_dtype``).
 
     16 random bits per element, four per 64-bit SplitMix64 word (``splitmix64``: 11 vectorized integer ops per chunk
-    of 2¹⁶ words; 1024 x 2816 elements took 1.35-1.6 ms on an EPYC against 2.4-2.7 ms with torch's mt19937
-    ``random_``, and ``bernoulli_`` takes 4 ms per million); a 16-bit integer r is kept iff r >= round(p·2¹⁶) - 2¹⁵,
-    compared into int16 and narrowed into the mask's bytes: a compare straight into bool is 10x slower, and the whole
-    mask takes 1.86 ms this way against 2.37 ms (median of 300, Xeon, 2 threads, 2026-12-04). A 16-bit float mask is
-    the compare's 0/1 times the bit pattern of 1.0, written into the mask's int16 view. The same integer arithmetic
-    on every device and CPU kernel, so the same mask.
+    of 2¹⁶ words, where torch's mt19937 ``random_`` is serial and ``bernoulli_`` slower still); a 16-bit integer r is
+    kept iff r >= round(p·2¹⁶) - 2¹⁵, compared into int16 and narrowed into the mask's bytes, because a compare
+    straight into bool is about 10x slower (timings: docs/performance.md). A 16-bit float mask is the compare's
+    0/1 times the bit pattern of 1.0, written into the mask's int16 view. The same integer arithmetic on every device
+    and CPU kernel, so the same mask.
     """
     n = math.prod(shape)
     keep = torch.empty(shape, dtype=dtype, device=device)

@@ -96,7 +96,7 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
 
 
 def _mismatch(message: str, adapter_dir: Path, model_dir: Path) -> str:
-    """io.load's message, rewritten to name the adapter, the base it was made for and the model folder."""
+    """peft_format.load's message, rewritten to name the adapter, the base it was made for and the model folder."""
     base = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
     made_for = f"made for {base}" if base else "its base model is not recorded"
     detail = message.removeprefix(f"adapter {adapter_dir}").lstrip(": ")

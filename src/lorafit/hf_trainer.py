@@ -136,7 +136,7 @@ def restore_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
 def load_adapter(model: nn.Module, folder: Union[str, Path], *, adapter_name: str | None = None, **kwargs):
     """``model.load_adapter(folder)`` (a transformers ``PreTrainedModel``, through its PEFT integration) for any
     lorafit or PEFT adapter folder, DoRA included: the file's tensors are passed as ``adapter_state_dict`` with the
-    magnitude keys that transformers 5's renaming maps correctly (``io.transformers_tensors``); a plain
+    magnitude keys that transformers 5's renaming maps correctly (``peft_format.transformers_tensors``); a plain
     ``load_adapter`` leaves DoRA magnitudes at their init. Returns transformers' loading info; AdapterError when a
     key of the file is left unloaded or a model parameter of the adapter is left missing.
     """

@@ -12,7 +12,7 @@ CHOICES = [" negative", " positive"]
 # Where the no-argument run (`lorafit train`) differs from TrainConfig's defaults: SmolLM2-135M-Instruct, LoRA on
 # q,v (TrainConfig's default adapter), ~2-3 minutes on 2 CPU cores. Flags and --config still override them.
 DEFAULT_JOB = dict(steps=60, lr=2e-3, warmup_steps=5, max_length=96, eval_max=200, add_eos=False, save_every=20,
-                   group_by_length=False)  # the README's measured numbers are of the plain shuffled order
+                   group_by_length=False)  # the measured numbers (docs/performance.md) are of the plain shuffled order
 
 
 def as_example(snippet: dict) -> dict:
