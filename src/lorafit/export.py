@@ -29,7 +29,6 @@ uses the halves layout in llama.cpp too (NEOX rope) and is not permuted.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -39,10 +38,10 @@ from typing import Union
 from torch import Tensor
 
 from .errors import AdapterError, DataError
-from .files import replace_file, writing_dir
+from .files import read_json, replace_file, writing_dir
 from .lora_config import LoraConfig
 from .ops import scaling
-from .peft_format import CONFIG_NAME, PREFIX, read_adapter, write_adapter_files
+from .peft_format import CONFIG_NAME, factor_key, read_adapter, split_key, write_adapter_files
 from .targets import pattern_key
 
 TARGETS = ("peft", "transformers", "vllm", "llama.cpp")
@@ -57,7 +56,6 @@ _BLOCK_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "s
                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                   "mlp.down_proj": "ffn_down"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(" + "|".join(re.escape(k) for k in _BLOCK_TENSORS) + ")")
-_FACTOR_KEYS = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 
 
 @dataclass(frozen=True)
@@ -88,21 +86,20 @@ class Adapter:
 
 
 def read(path: Union[str, Path]) -> Adapter:
-    """Read an adapter folder (``io.read_adapter``'s checks; AdapterError when broken) with per-module scales
+    """Read an adapter folder (``peft_format.read_adapter``'s checks; AdapterError when broken) with per-module scales
     ``s = alpha / r`` or ``alpha / sqrt(r)`` (RSLoRA), alpha from ``alpha_pattern`` and r from the tensors."""
     path = Path(path)
     cfg, tensors = read_adapter(path)
-    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    raw = read_json(path / CONFIG_NAME, error=AdapterError)
     parts: dict[str, dict] = {}
     other = {}
     for key, t in tensors.items():
-        suffix = next((s for s in _FACTOR_KEYS if key.endswith(s)), None)
-        if suffix is None:
+        k = split_key(key)
+        if k.part not in ("A", "B"):
             other[key] = t
             continue
-        name = key[len(PREFIX):-len(suffix)] if key.startswith(PREFIX) else key[:-len(suffix)]
-        parts.setdefault(name, {})["A" if "A" in suffix else "B"] = t
-        parts[name]["kind"] = "embedding" if "embedding" in suffix else "conv" if t.dim() > 2 else "linear"
+        parts.setdefault(k.module, {})[k.part] = t
+        parts[k.module]["kind"] = "embedding" if k.embedding else "conv" if t.dim() > 2 else "linear"
     modules = []
     for name, p in sorted(parts.items(), key=lambda kv: _module_order(kv[0])):
         if "A" not in p or "B" not in p:
@@ -124,21 +121,20 @@ def _module_order(name: str) -> tuple:
 def _other_reasons(ad: Adapter, engine: str) -> list[str]:
     """DoRA magnitudes, trained biases and modules_to_save, which a plain-LoRA engine drops (one line each)."""
     lines = []
-    for key in sorted(ad.other):
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if name.endswith(".lora_magnitude_vector"):
-            lines.append(f"module {name[:-len('.lora_magnitude_vector')]}: DoRA magnitude (use_dora=True); "
+    keys = [split_key(key) for key in sorted(ad.other)]
+    for k in keys:
+        if k.part == "m":
+            lines.append(f"module {k.module}: DoRA magnitude (use_dora=True); "
                          f"{engine} applies plain LoRA only (merge the adapter instead: lorafit merge)")
-        elif name.endswith(".bias"):
-            owner = name.rpartition(".")[0].removesuffix(".base_layer").removesuffix(".lora_B")
-            lines.append(f"module {owner}: trained bias (bias={ad.config.bias!r}, lora_bias="
+        elif k.part == "bias":
+            lines.append(f"module {k.module}: trained bias (bias={ad.config.bias!r}, lora_bias="
                          f"{bool(ad.raw.get('lora_bias'))}); {engine} adds B·A only")
         else:
-            lines.append(f"module {name.rpartition('.')[0]}: modules_to_save (a fully trained copy of "
-                         f"{name}); {engine} loads LoRA factors only")
-    if ad.config.use_dora and not any("magnitude" in k for k in ad.other):
+            lines.append(f"module {k.module}: modules_to_save (a fully trained copy of "
+                         f"{k.module}.{k.part}); {engine} loads LoRA factors only")
+    if ad.config.use_dora and not any(k.part == "m" for k in keys):
         lines.append(f"adapter_config.json: use_dora=True; {engine} applies plain LoRA only")
-    if ad.config.bias != "none" and not any(k.endswith(".bias") for k in ad.other):
+    if ad.config.bias != "none" and not any(k.part == "bias" for k in keys):
         lines.append(f"adapter_config.json: bias={ad.config.bias!r}; {engine} adds B·A only")
     if ad.config.modules_to_save and not any("modules_to_save" in line for line in lines):
         lines.append(f"adapter_config.json: modules_to_save={ad.config.modules_to_save}; {engine} loads LoRA "
@@ -179,13 +175,7 @@ def _gguf_name(name: str) -> str | None:
 
 def read_model_config(model: Union[str, Path]) -> tuple[dict, str]:
     """A model folder's config.json and its architecture name; DataError when missing, broken or unsupported."""
-    file = Path(model) / "config.json"
-    if not file.is_file():
-        raise DataError(f"--model {model}: no config.json; pass the base model's transformers folder")
-    try:
-        hf = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{file} is not valid JSON ({e})") from None
+    hf = read_json(Path(model) / "config.json", error=DataError, what="; pass the base model's transformers folder")
     arch = (hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), str(hf.get("model_type")))])[0]
     if arch not in LLAMA_FAMILY:
         raise DataError(f"--model {model} is a {arch}; the llama.cpp export supports the llama family only: "
@@ -357,13 +347,13 @@ def vllm_files(ad: Adapter) -> tuple[dict, dict[str, Tensor]]:
     config.update(r=r, lora_alpha=alpha, use_rslora=False, rank_pattern={}, alpha_pattern={})
     for m in ad.modules:
         if cfg.use_rslora or m.alpha != cfg.lora_alpha or m.r != cfg.r:
-            key = f"{PREFIX}{m.name}.lora_B.weight"
-            tensors[key] = (m.B.double() * (m.scaling / (alpha / r))).to(m.B.dtype)
+            tensors[factor_key(m.name, "B")] = (m.B.double() * (m.scaling / (alpha / r))).to(m.B.dtype)
     return config, tensors
 
 
 def _factor_tensors(ad: Adapter) -> dict[str, Tensor]:
-    return {f"{PREFIX}{m.name}.lora_{part}.weight": t for m in ad.modules for part, t in (("A", m.A), ("B", m.B))}
+    return {factor_key(m.name, part, embedding=m.kind == "embedding"): t
+            for m in ad.modules for part, t in (("A", m.A), ("B", m.B))}
 
 
 def export_vllm(adapter: Union[str, Path], output: Union[str, Path], *, force: bool = False,

@@ -4,6 +4,10 @@ A folder is filled in a hidden temporary sibling and swapped in by rename, so a 
 complete folder or the new one at the path, never a half-written one. A single file is written beside its target
 and ``os.replace``d over it. A failed write (a full disk) raises an ``OSError`` that names the path and says that
 what was there before is unchanged.
+
+Every file lorafit writes goes through here: ``atomic_dir`` / ``writing_dir`` (folders), ``replace_file`` and its
+``write_text``, ``write_json``, ``write_figure`` (single files), and ``append_line`` (the one log appended to while
+it is read). ``read_json`` and ``read_jsonl`` are the matching readers.
 """
 
 from __future__ import annotations
@@ -159,6 +163,40 @@ def write_json(path: Path, data, *, indent: Optional[int] = 2, sort_keys: bool =
     return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys))
 
 
+def write_figure(path: Path, fig, *, dpi: int = 110) -> Path:
+    """Replace an image file atomically with a matplotlib figure (the format from ``path``'s suffix, e.g. png: the
+    temporary file's own suffix would tell savefig nothing)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return replace_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append one line to a log that is read while it grows (a run's metrics.jsonl), creating it if needed.
+
+    Not a replace: the log is appended to at every logging step and read by another process (tune's watcher) as it
+    grows. Appending is safe here because each record is one ``write`` of one line, so a kill or a full disk can
+    tear only the last line, and the readers (``read_jsonl``) skip a line that does not parse; a resumed run
+    rewrites the log (``write_text``) with the records it keeps.
+    """
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def read_jsonl(path: Path) -> list:
+    """The records of a JSON-lines log (``append_line``'s), [] when it does not exist; a line that does not parse
+    (torn by a kill or a full disk) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def read_json(path: Path, *, error: Type[Exception] = AdapterError, what: str = ""):
     """A JSON file's value; ``error`` (AdapterError unless given) naming the file when it is missing, unreadable or
     not valid JSON. ``what`` ends the missing-file message (e.g. "; pass the base model's transformers folder")."""
@@ -167,5 +205,7 @@ def read_json(path: Path, *, error: Type[Exception] = AdapterError, what: str = 
         raise error(f"{path} does not exist{what}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise error(f"{path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e}): it is not UTF-8 text") from None

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused, ops
-from .errors import TrainingError
+from .errors import AdapterError, TrainingError
 from .tensors import cpu_inference_layout, is_packed, weight_key
 
 FUSED = os.environ.get("LORAFIT_FUSED", "1") != "0"  # the fused training path for Linear/Conv1D; False: reference
@@ -169,8 +169,8 @@ class LoraLayer(nn.Module):
     def adapter(self) -> Adapter:
         """The active adapter, when exactly one is active here."""
         if len(self.active) != 1:
-            raise ValueError(f"{len(self.active)} adapters are active on this layer ({list(self.active)}); "
-                             "this needs exactly one (lorafit.set_active)")
+            raise AdapterError(f"{len(self.active)} adapters are active on this layer ({list(self.active)}); "
+                               "this needs exactly one (lorafit.set_active)")
         return self.adapters[self.active[0]]
 
     lora_A = property(lambda self: self.adapter.lora_A)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import ConfigError
+from .files import read_json, write_text
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -126,10 +127,6 @@ class LoraConfig:
             if lt is None:
                 _fail("layers_pattern", lp, "it needs layers_to_transform to say which layer indices to adapt")
 
-    def scaling(self, r: int, alpha: float) -> float:
-        """The LoRA scale s = alpha / r, or alpha / sqrt(r) with RSLoRA (Kalajdzievski 2023, eq. 3)."""
-        return alpha / (math.sqrt(r) if self.use_rslora else r)
-
     # --- serialization -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,26 +162,19 @@ class LoraConfig:
     def to_json(self, path: Union[str, Path, None] = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text)
+            write_text(Path(path), text)
         return text
 
     @classmethod
     def from_json(cls, path_or_text: Union[str, Path], strict: bool = False) -> "LoraConfig":
-        """Read a JSON file (e.g. a PEFT adapter_config.json) or a JSON string."""
-        text, where = str(path_or_text), "config"
+        """Read a JSON file (e.g. a PEFT adapter_config.json) or a JSON string; ConfigError when either is broken."""
+        text = str(path_or_text)
         if not text.lstrip().startswith(("{", "[")):  # "[": JSON text of the wrong type, not a file name
-            p = Path(path_or_text)
-            if not p.is_file():
-                raise ConfigError(f"config file {p} does not exist")
-            where = f"config file {p}"
-            try:
-                text = p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{where} is not UTF-8 text ({e})") from None
+            return cls.from_dict(read_json(Path(path_or_text), error=ConfigError), strict=strict)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{where} is not valid JSON ({e}); fix or regenerate it") from None
+            raise ConfigError(f"config is not valid JSON ({e}); fix or regenerate it") from None
         return cls.from_dict(data, strict=strict)
 
 

@@ -78,7 +78,8 @@ def state_of(model: nn.Module) -> AttachState:
     """The attach state of a model, or a clear error if it has no lorafit adapter."""
     state = getattr(model, "lorafit_state", None)
     if not isinstance(state, AttachState):
-        raise ValueError("this model has no lorafit adapter: call lorafit.attach(model, config) or lorafit.load first")
+        raise AdapterError("this model has no lorafit adapter: call lorafit.attach(model, config) or lorafit.load "
+                           "first")
     return state
 
 

@@ -19,13 +19,15 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .tensors import dense
 
 KINDS = ("linear", "linear_t", "embedding", "conv")
 
 
 def scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """s = alpha / r (LoRA §4.1), or alpha / sqrt(r) for RSLoRA (Kalajdzievski 2023, eq. 3)."""
+    """s = alpha / r (LoRA §4.1), or alpha / sqrt(r) for RSLoRA (Kalajdzievski 2023, eq. 3): the one scale rule,
+    used by the layers (through targets), export, suggest and the adapter summary."""
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
@@ -126,5 +128,5 @@ def init_from_weight(W0: Tensor, r: int, s: float, method: str) -> tuple[Tensor,
         Q, R = torch.linalg.qr(W)
         A, B = R[:r].contiguous(), Q[:, :r].contiguous()
     else:
-        raise ValueError(f"unknown weight-based init {method!r}; expected 'pissa' or 'olora'")
+        raise ConfigError(f"unknown weight-based init {method!r}; expected 'pissa' or 'olora'")
     return A, B, W - s * (B @ A)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import AdapterError, ConfigError
-from .files import atomic_dir, replace_file
+from .files import atomic_dir, read_json, replace_file
 from .layers import adapter_shapes, magnitude_shape
 from .lora_config import LoraConfig
 from .model import DEFAULT, adapter_layers, adapter_parameter_names, attach, check_new, state_of
@@ -162,10 +162,7 @@ def read_adapter(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, Tensor]]
             raise AdapterError(f"{path} holds adapter_model.bin (pickle); lorafit reads safetensors only. Convert it "
                                "with PEFT: PeftModel.from_pretrained(base, dir).save_pretrained(dir2)")
         raise AdapterError(f"{path} has no {WEIGHTS_NAME}; the adapter weights are missing")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_file} is not valid JSON ({e})") from None
+    raw = read_json(cfg_file, error=AdapterError)
     try:
         config = LoraConfig.from_dict(raw, strict=False)
     except (ConfigError, TypeError) as e:
@@ -198,6 +195,34 @@ def transformers_tensors(path: Union[str, Path]) -> dict[str, Tensor]:
 
 _FACTOR_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
                     (".lora_embedding_B", "B"), (".lora_magnitude_vector", "m"))
+_PARTS = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude"}
+
+
+class FileKey(NamedTuple):
+    """A key of an adapter file, split: the in-model name of the module it belongs to and which tensor it is."""
+
+    module: str
+    part: str  # "A", "B" (LoRA factors), "m" (DoRA magnitude), "bias" (a trained bias), else the parameter's leaf
+    embedding: bool = False  # an embedding's factor (lora_embedding_A/B: A (r, num_emb), B (dim, r))
+
+
+def split_key(key: str) -> FileKey:
+    """The module and part of a PEFT file key, e.g. "base_model.model.x.q_proj.lora_A.weight" -> ("x.q_proj",
+    "A"); a bias of an adapted module (``base_layer.bias``, PEFT's ``lora_B.bias``) or of any other -> (module,
+    "bias"); modules_to_save and other parameters -> (module, leaf)."""
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for suffix, part in _FACTOR_SUFFIXES:
+        if name.endswith(suffix):
+            return FileKey(name[: -len(suffix)], part, "embedding" in suffix)
+    if name.endswith(".bias"):
+        return FileKey(name[: -len(".bias")].removesuffix(".base_layer").removesuffix(".lora_B"), "bias")
+    module, _, leaf = name.rpartition(".")
+    return FileKey(module, leaf)
+
+
+def factor_key(module: str, part: str, *, embedding: bool = False) -> str:
+    """The PEFT file key of a module's factor ``part`` ("A", "B" or "m"); ``split_key``'s inverse."""
+    return _lora_keys(module, "embedding" if embedding else "linear")[_PARTS[part]]
 
 
 def read_factors(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, dict]]:
@@ -206,13 +231,12 @@ def read_factors(path: Union[str, Path]) -> tuple[LoraConfig, dict[str, dict]]:
     cfg, tensors = read_adapter(path)
     modules: dict[str, dict] = {}
     for key, t in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        for suffix, part in _FACTOR_SUFFIXES:
-            if name.endswith(suffix):
-                entry = modules.setdefault(name[: -len(suffix)], {"kind": "linear"})
-                entry[part] = t
-                if "embedding" in suffix:
-                    entry["kind"] = "embedding"
+        k = split_key(key)
+        if k.part in _PARTS:
+            entry = modules.setdefault(k.module, {"kind": "linear"})
+            entry[k.part] = t
+            if k.embedding:
+                entry["kind"] = "embedding"
     return cfg, {name: f for name, f in modules.items() if "A" in f and "B" in f}
 
 

@@ -50,6 +50,18 @@ def test_pareto_front():
     assert pareto_front(rows) == {"f", "a", "b", "d"}
 
 
+def test_a_half_written_or_unfinished_state_is_not_a_finished_point(tmp_path):
+    from lorafit.advise.sweep import _finished
+
+    state = tmp_path / "trainer_state.json"
+    assert _finished(tmp_path) is None
+    for text in ('{"finished": tr', '{"finished": false}', "[1]"):
+        state.write_text(text)
+        assert _finished(tmp_path) is None, text
+    state.write_text('{"finished": true, "trainable": 4}')
+    assert _finished(tmp_path) == {"finished": True, "trainable": 4}
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sweep")

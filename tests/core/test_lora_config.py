@@ -85,6 +85,21 @@ def test_malformed_json(tmp_path):
     assert json.loads(LoraConfig().to_json())["r"] == 8
 
 
+def test_json_files_are_read_and_written_through_lorafit_files(tmp_path):
+    """from_json reads with files.read_json (ConfigError naming the file), to_json writes with files.write_text."""
+    with pytest.raises(ConfigError, match="none.json does not exist"):
+        LoraConfig.from_json(tmp_path / "none.json")
+    (tmp_path / "latin1.json").write_bytes('{"r": 8, "note": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.json is not valid JSON .*not UTF-8 text"):
+        LoraConfig.from_json(tmp_path / "latin1.json")
+    LoraConfig(r=4).to_json(tmp_path / "c.json")
+    assert LoraConfig.from_json(tmp_path / "c.json") == LoraConfig(r=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "latin1.json"]  # no temporary file left
+
+
 def test_scaling_formula():
-    assert LoraConfig().scaling(16, 32) == 2.0
-    assert LoraConfig(use_rslora=True).scaling(16, 32) == 8.0
+    from lorafit.ops import scaling  # the one scale rule (LoraConfig has none of its own)
+
+    assert scaling(16, 32, use_rslora=False) == 2.0
+    assert scaling(16, 32, use_rslora=True) == 8.0
+    assert not hasattr(LoraConfig(), "scaling")

@@ -161,3 +161,20 @@ def test_dropout_only_touches_the_lora_branch():
     model.train()
     x = torch.randn(4, 16)
     assert torch.equal(model(x), lin(x))  # B = 0: dropout on the LoRA input cannot leak into the base path
+
+
+def test_misuse_raises_lorafit_errors_not_bare_value_errors():
+    """What the CLI maps to 'lorafit: error: ...' and exit 2 (AdapterError, ConfigError; both ValueErrors, so older
+    ``except ValueError`` still catches them)."""
+    from lorafit import AdapterError, ConfigError
+    from lorafit.ops import init_from_weight
+
+    with pytest.raises(AdapterError, match="no lorafit adapter: call lorafit.attach"):
+        lorafit.merge(tiny_llama())  # model.state_of
+    model = lorafit.attach(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]), name="a")
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["0"]), name="b")
+    lorafit.set_active(model, ["a", "b"])
+    with pytest.raises(AdapterError, match=r"2 adapters are active on this layer \(\['a', 'b'\]\)"):
+        model[0].lora_A  # layers.LoraLayer.adapter: one active adapter needed
+    with pytest.raises(ConfigError, match="unknown weight-based init 'svd'"):
+        init_from_weight(torch.randn(8, 8), 2, 1.0, "svd")

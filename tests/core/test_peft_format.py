@@ -163,7 +163,28 @@ def test_adapter_for_another_model(adapter):
     assert_untouched(model, before)
 
 
+def test_split_key_and_factor_key_are_inverse_on_every_saved_key(tmp_path):
+    """peft_format is the one module that parses PEFT's key names (export uses split_key / factor_key)."""
+    from lorafit.peft_format import factor_key, split_key
+
+    model = lorafit.attach(tiny_llama(), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True,
+                                                    bias="lora_only", modules_to_save=["lm_head"]))
+    keys = load_file(lorafit.save(model, tmp_path / "a") / "adapter_model.safetensors").keys()
+    parts = {}
+    for key in keys:
+        k = split_key(key)
+        parts.setdefault(k.part, set()).add(k.module)
+        if k.part in ("A", "B", "m"):
+            assert factor_key(k.module, k.part, embedding=k.embedding) == key
+    assert parts["A"] == parts["B"] == {"model.embed_tokens"} | {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
+    assert split_key("base_model.model.model.embed_tokens.lora_embedding_A") == ("model.embed_tokens", "A", True)
+    assert split_key("base_model.model.x.q_proj.lora_magnitude_vector") == ("x.q_proj", "m", False)
+    assert split_key("base_model.model.x.q_proj.base_layer.bias") == ("x.q_proj", "bias", False)
+    assert split_key("base_model.model.x.q_proj.lora_B.bias") == ("x.q_proj", "bias", False)
+    assert split_key("base_model.model.lm_head.weight") == ("lm_head", "weight", False)
+
+
 def test_save_without_adapter_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="no lorafit adapter"):
+    with pytest.raises(AdapterError, match="no lorafit adapter"):
         lorafit.save(tiny_llama(), tmp_path / "a")
     assert not (tmp_path / "a").exists()

@@ -50,10 +50,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..files import write_figure
 from ..layers import in_out_features
 from ..lora_config import LoraConfig
 from ..targets import select_targets
 from .gauss_newton import newton_step, output_grads, recorded_calls
+from .results import pyplot
 from .suggest import LORA_ALPHA
 
 SIMPLE_MAX = 8  # the design note's simple-task range is r = 4-8
@@ -390,11 +392,7 @@ def probe_summary(result: ProbeResult) -> dict:
 
 def plot_spectra(result: ProbeResult, path: Union[str, Path], top: int = 12) -> Path:
     """Normalised singular values s_k/s_1 of the ``top`` modules with the largest gradients, allocated rank marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = sorted(result.modules, key=lambda m: -m.gain)[:top]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for m in rows:
@@ -415,6 +413,8 @@ def plot_spectra(result: ProbeResult, path: Union[str, Path], top: int = 12) -> 
     ax2.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"lorafit probe: complexity score {result.score:.1f} ({result.complexity})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_figure(Path(path), fig)
+    finally:
+        plt.close(fig)
     return Path(path)

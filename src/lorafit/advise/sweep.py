@@ -2,8 +2,9 @@
 
 Each grid point is one ``lorafit.train.run`` in its own folder ``<output>/<point>/``; a point whose folder holds a
 finished ``trainer_state.json`` is read back, never retrained, so an interrupted sweep continues where it stopped.
-The results are ``results.csv``, ``results.md`` and ``pareto.png``: eval loss against trainable parameters, with the
-Pareto front (no other point has both fewer parameters and a lower loss) and the suggested / probed points marked.
+The results are ``results.csv``, ``results.md`` and ``pareto.png`` (``lorafit.advise.results``, tune's writer too):
+eval loss against trainable parameters, with the Pareto front (no other point has both fewer parameters and a lower
+loss) and the suggested / probed points marked.
 
 Grid syntax: ``"r=4,8,16;targets=qv,all-linear;variant=lora,dora"`` (the product of all values). Keys:
 ``r`` (ranks), ``targets`` (qv | attention | mlp | all-linear | module names joined by '+'), ``variant``
@@ -14,15 +15,15 @@ alpha·lr whatever the rank, so one learning rate serves the whole grid (docs/gu
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..files import read_json
 from ..lora_config import LoraConfig
+from .results import Column, markdown, number, pareto_front, with_mark, write_results
 from .suggest import LORA_ALPHA
 
 GRID_KEYS = ("r", "targets", "variant", "alpha")
@@ -99,14 +100,12 @@ def point_config(model, point: dict) -> LoraConfig:
 # --- running ---------------------------------------------------------------------------------------------
 
 def _finished(folder: Path) -> Optional[dict]:
-    state = folder / "trainer_state.json"
-    if not state.is_file():
-        return None
+    """The point's trainer_state.json when its run finished; None when absent, unreadable or not finished."""
     try:
-        summary = json.loads(state.read_text())
-    except json.JSONDecodeError:
+        summary = read_json(folder / "trainer_state.json", error=DataError)
+    except DataError:
         return None
-    return summary if summary.get("finished") else None
+    return summary if isinstance(summary, dict) and summary.get("finished") else None
 
 
 def _check_same(folder: Path, cfg) -> None:
@@ -120,7 +119,7 @@ def _check_same(folder: Path, cfg) -> None:
     want = cfg.to_dict()
     diff = sorted(k for k in want if k != "output" and saved.get(k) != want[k])
     if diff:
-        # the demo's dtype is timed at startup (train.config.default_dtype), so a rerun can land on the other side
+        # the demo's dtype is timed at startup (train.train_config.default_dtype), so a rerun can land on the other side
         hint = f" (or name the saved dtype: 'dtype: {saved.get('dtype')}' in --config)" if "dtype" in diff else ""
         raise ConfigError(f"{folder} holds a run with different settings ({', '.join(diff)}); use another --output "
                           f"for a different sweep{hint}")
@@ -160,16 +159,6 @@ def _variant(lora: LoraConfig) -> str:
     return "dora" if lora.use_dora else "rslora" if lora.use_rslora else "lora"
 
 
-def pareto_front(rows: list[dict]) -> set[str]:
-    """Names of the points no other point beats on both trainable parameters (fewer) and eval loss (lower)."""
-    front, best = set(), float("inf")
-    for row in sorted((r for r in rows if r["eval_loss"] is not None), key=lambda r: (r["trainable"], r["eval_loss"])):
-        if row["eval_loss"] < best:
-            front.add(row["name"])
-            best = row["eval_loss"]
-    return front
-
-
 def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, *, marked: Optional[dict[str, str]] = None,
           quiet: bool = True, say=print) -> list[dict]:
     """Train (or read back) every point, then write results.csv, results.md and pareto.png into ``out``.
@@ -185,8 +174,8 @@ def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, *, marked: O
     for row in rows:
         row["pareto"] = row["name"] in front
         row["mark"] = marked.get(row["name"], "")
-    write_results(rows, out)
-    plot_pareto(rows, out / "pareto.png", title=f"lorafit sweep: {settings.get('steps')} steps each")
+    write_results(rows, out, columns=COLUMNS, table=TABLE, title=f"lorafit sweep: {settings.get('steps')} steps each",
+                  label=lambda r: r["name"])
     return rows
 
 
@@ -194,56 +183,14 @@ def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, *, marked: O
 
 COLUMNS = ("name", "mark", "r", "targets", "variant", "trainable", "eval_loss", "eval_accuracy", "eval_loss_before",
            "pareto", "wall_time_s")
+TABLE = (Column("point", lambda r: with_mark(r["name"], r)), Column("r", lambda r: str(r["r"]), "---:"),
+         Column("targets", lambda r: r["targets"]), Column("variant", lambda r: r["variant"]),
+         Column("trainable", lambda r: f"{r['trainable']:,}", "---:"),
+         Column("eval loss", lambda r: number(r["eval_loss"]), "---:"),
+         Column("accuracy", lambda r: number(r.get("eval_accuracy"), ".3f"), "---:"),
+         Column("Pareto", lambda r: "yes" if r.get("pareto") else "", ":---:"))
 
 
 def results_markdown(rows: list[dict]) -> str:
     """The results as a Markdown table, best eval loss first."""
-    lines = ["| point | r | targets | variant | trainable | eval loss | accuracy | Pareto |",
-             "|---|---:|---|---|---:|---:|---:|:---:|"]
-    for row in sorted(rows, key=lambda r: (r["eval_loss"] is None, r["eval_loss"] or 0.0)):
-        acc = f"{row['eval_accuracy']:.3f}" if row.get("eval_accuracy") is not None else "-"
-        name = row["name"] + (f" ({row['mark']})" if row.get("mark") else "")
-        lines.append(f"| {name} | {row['r']} | {row['targets']} | {row['variant']} | {row['trainable']:,} | "
-                     f"{row['eval_loss']:.4f} | {acc} | {'yes' if row.get('pareto') else ''} |")
-    return "\n".join(lines)
-
-
-def write_results(rows: list[dict], out: Path) -> None:
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.md").write_text(results_markdown(rows) + "\n")
-
-
-def plot_pareto(rows: list[dict], path: Path, title: str = "lorafit sweep") -> Path:
-    """Eval loss against trainable parameters (log scale), the Pareto front as a step line, marked points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r["eval_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.scatter([r["trainable"] for r in done], [r["eval_loss"] for r in done], s=28, color="#2a7ab0", zorder=3,
-               label="grid point")
-    front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["trainable"])
-    if front:
-        ax.step([r["trainable"] for r in front], [r["eval_loss"] for r in front], where="post", color="#d62728",
-                lw=1.5, label="Pareto front", zorder=2)
-    styles = {"suggested": ("*", "#ff7f0e", 260), "probed": ("D", "#2ca02c", 110)}
-    for r in done:
-        ax.annotate(r["name"], (r["trainable"], r["eval_loss"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
-        if r.get("mark") in styles:
-            marker, color, size = styles[r["mark"]]
-            ax.scatter([r["trainable"]], [r["eval_loss"]], marker=marker, s=size, color=color, zorder=4,
-                       edgecolor="k", label=r["mark"])
-    ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters", ylabel="eval loss", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return markdown(rows, TABLE)

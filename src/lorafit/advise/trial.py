@@ -10,7 +10,6 @@ records why and goes on. The child exits by itself when the study's process is g
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import threading
@@ -18,6 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from ..errors import DataError
+from ..files import read_json, read_jsonl, write_text
 
 POLL_S = 0.2
 # imported once by the forkserver, so that each trial process starts with them (transformers imports its model
@@ -62,10 +64,10 @@ def child_main(folder: str, resume: bool, parent_pid: int) -> None:
     from ..train import TrainConfig, run
 
     try:
-        cfg = TrainConfig.from_dict(json.loads((folder_p / "trial.json").read_text()))
+        cfg = TrainConfig.from_dict(read_json(folder_p / "trial.json", error=DataError))
         run(cfg, resume=resume, quiet=True)
     except BaseException as e:  # noqa: BLE001 - every failure is the trial's, recorded for the study
-        (folder_p / "error.txt").write_text(f"{type(e).__name__}: {e}")
+        write_text(folder_p / "error.txt", f"{type(e).__name__}: {e}")
         os._exit(1)
 
 
@@ -85,15 +87,10 @@ def _context():
 
 def _evals(path: Path, seen: set) -> list[dict]:
     """New evaluation records of a metrics.jsonl that is being appended to (a torn last line is skipped)."""
-    if not path.is_file():
-        return []
     out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "eval" and rec["step"] > 0 and rec["step"] not in seen and "eval_loss" in rec:
+    for rec in read_jsonl(path):
+        if isinstance(rec, dict) and rec.get("kind") == "eval" and "eval_loss" in rec and rec["step"] > 0 \
+                and rec["step"] not in seen:
             seen.add(rec["step"])
             out.append(rec)
     return out
@@ -137,6 +134,9 @@ def run_trial(folder: Path, *, on_eval: Callable[[int, float], bool], heartbeat:
             proc.join()
     state = folder / "run" / "trainer_state.json"
     if proc.exitcode == 0 and state.is_file():
-        summary = json.loads(state.read_text())
+        try:
+            summary = read_json(state, error=DataError)
+        except DataError as e:
+            return Outcome("failed", None, last[0], str(e))
         return Outcome("complete", summary["after"]["eval_loss"], summary["steps"], summary=summary)
     return Outcome("failed", None, last[0], failure_reason(folder, proc.exitcode))

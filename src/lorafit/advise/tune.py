@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..files import read_json, write_json
 from ..lora_config import LoraConfig
 from .space import Space, sample, trial_label, trial_lora, within
 
@@ -271,7 +272,7 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
     steps = job.settings["steps"]
     cfg = TrainConfig.from_dict({**job.settings, "lr": params["lr"], "output": str(folder / "run"),
                                  "eval_every": max(1, steps // 4), "save_every": 0, "lora": lora.to_dict()})
-    (folder / "trial.json").write_text(json.dumps(cfg.to_dict()))
+    write_json(folder / "trial.json", cfg.to_dict())
     trial.set_user_attr("folder", str(folder))
     trial.set_user_attr("config", cfg.to_dict())  # for the seeded re-runs, which may run on another machine
 
@@ -405,10 +406,11 @@ def _rerun(job, study, storage, trial, say: Callable[[str], None]) -> None:
 
     source = study.trials[trial.user_attrs["source"]]
     seed = trial.user_attrs["seed"]
-    cfg = source.user_attrs.get("config") or json.loads((Path(source.user_attrs["folder"]) / "trial.json").read_text())
+    cfg = source.user_attrs.get("config") or read_json(Path(source.user_attrs["folder"]) / "trial.json",
+                                                       error=DataError)
     folder = job.output / "seeds" / f"{source.number:04d}-seed{seed}-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "trial.json").write_text(json.dumps({**cfg, "seed": seed, "output": str(folder / "run")}))
+    write_json(folder / "trial.json", {**cfg, "seed": seed, "output": str(folder / "run")})
     say(f"[seeds] trial {source.number}, seed {seed}: training")
     result = run_trial(folder, on_eval=lambda step, loss: False,
                        heartbeat=_every(job.heartbeat / 2, lambda: storage.record_heartbeat(trial._trial_id)))
@@ -430,18 +432,16 @@ def probed_lora(job: TuneJob, say: Callable[[str], None]) -> tuple[LoraConfig, s
 
     path = job.output / "probed.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, error=DataError)
         return LoraConfig.from_dict(saved["lora"]), saved["complexity"]
     result, _ = run_probe(job.settings, budget=job.budget_params, say=say)
     return result.config, result.complexity
 
 
 def save_probed(job: TuneJob, ctx: "Context", complexity: Optional[str]) -> None:
-    from ..files import write_text
-
     path = job.output / "probed.json"
     if ctx.probed is not None and not path.is_file():
-        write_text(path, json.dumps({"lora": ctx.probed.to_dict(), "complexity": complexity}))
+        write_json(path, {"lora": ctx.probed.to_dict(), "complexity": complexity})
 
 
 def first_trials(job: TuneJob, ctx: Context, complexity: Optional[str]) -> tuple[list[tuple[dict, str]], float]:

@@ -12,7 +12,7 @@ from ..hf import DTYPES
 from ..lora_config import LoraConfig
 from ..quant import FORMATS
 from ..train.train_config import TrainConfig, default_lora
-from .common import positive_int, read_yaml, target_modules_arg
+from .common import add_max_length_flag, add_model_flag, add_output_flag, positive_int, read_yaml, target_modules_arg
 from .train import require_quant
 
 
@@ -82,14 +82,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="show what a LoRA config adapts and what training will cost, without training")
-    p.add_argument("--model", required=True, help="local transformers model folder")
+    add_model_flag(p, "the base model to plan for", required=True)
     p.add_argument("--config", help="YAML with a 'lora:' section (as for train)")
     p.add_argument("--rank", type=positive_int, help="LoRA rank r (default: 8 or the config's)")
     p.add_argument("--target-modules", type=target_modules_arg, help="names, regex or all-linear "
                    "(default: q_proj,v_proj or the config's)")
     p.add_argument("--use-dora", action="store_true", help="plan a DoRA adapter (default: off)")
-    p.add_argument("--batch-size", type=positive_int, help="examples per micro-batch (default: 8 or the config's)")
-    p.add_argument("--max-length", type=positive_int, help="tokens per example (default: 256 or the config's)")
+    p.add_argument("--batch-size", type=positive_int, help="examples per micro-batch "
+                   f"(default: {_default('batch_size')} or the config's)")
+    add_max_length_flag(p, default=None, shown=f"{_default('max_length')} or the config's")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="base weights dtype (default: the config's, else bfloat16 with --quantize, else float32)")
     p.add_argument("--quantize", choices=FORMATS, help="plan over an nf4/int8 base, as lorafit train --quantize "
@@ -102,9 +103,9 @@ def add_plan_parser(sub) -> None:
 
 def add_merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="fold an adapter into its base model and write a transformers checkpoint")
-    p.add_argument("--model", required=True, help="the base model folder")
+    add_model_flag(p, "the base model the adapter was trained on", required=True)
     p.add_argument("--adapter", required=True, help="the adapter folder (lorafit or PEFT)")
-    p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
+    add_output_flag(p, "a new folder for the merged checkpoint (must not exist)", required=True)
     p.add_argument("--quantized", choices=FORMATS, help="the adapter was trained over an nf4/int8 base (QLoRA): merge "
                    "into that base, dequantized (default: what the run's config.yaml says, else no)")
     p.set_defaults(func=cmd_merge, needs=("transformers", "yaml"))

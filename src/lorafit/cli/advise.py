@@ -7,54 +7,33 @@ lorafit.advise).
     lorafit sweep   [--model DIR --data FILE] --grid "r=4,8;targets=qv,all-linear" [--include-suggested]
                     [--include-probed [probe.yaml]] [--steps 30] [--output DIR]
 
-Without --model and --data, probe and sweep use the embedded demo (SmolLM2-135M-Instruct, movie-review sentiment)
-with the demo's settings. Every YAML written here is taken by ``lorafit train --config``.
+Where neither model nor data is set (by a flag or in --config's YAML), probe and sweep run the embedded demo
+(SmolLM2-135M-Instruct, movie-review sentiment) with the demo's settings (``lorafit.train.settings``). Every YAML
+written here is taken by ``lorafit train --config``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
-from ..train.train_config import default_dtype
-from .common import RUN_NEEDS, non_negative_int, positive_int, read_yaml, require_demo, target_modules_arg, write_yaml
-from .train import train_flags
-
-RUN_FLAGS = ("model", "data", "batch_size", "max_length", "seed")  # TrainConfig settings probe and sweep take
-
-
-def _base_settings(args: argparse.Namespace) -> dict:
-    """TrainConfig fields for probe / sweep runs: the demo job's when neither --model nor --data is given, then the
-    --config YAML, then flags."""
-    yaml_cfg = read_yaml(args.config) if getattr(args, "config", None) else {}
-    yaml_cfg.pop("lora", None)
-    settings: dict = {}
-    demo = args.model is None and args.data is None and "model" not in yaml_cfg and "data" not in yaml_cfg
-    if demo:
-        settings.update(DEFAULT_JOB)
-    settings.update(yaml_cfg)
-    if "dtype" not in settings:  # the dtype lorafit train would pick (bfloat16 for the demo where bf16 times faster)
-        dtype, _ = default_dtype(demo=demo, quantize=settings.get("quantize"))
-        settings.update({"dtype": dtype} if dtype else {})
-    settings["save_every"] = 0  # sweep points are short; a finished point is the unit of resumption
-    for key in ("model", "data", "steps", "batch_size", "lr", "max_length", "eval_max", "seed"):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    require_demo(args.command, settings.get("model"))
-    return settings
-
-
-def _add_settings(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    """The named TrainConfig settings as flags, with `lorafit train`'s names, types and help."""
-    for flag, field, kw in train_flags():
-        if field in names:
-            p.add_argument(flag, dest=field, **kw)
-
+from ..files import read_json, write_json
+from .common import (
+    EMBEDDED_MODEL,
+    RUN_NEEDS,
+    add_max_length_flag,
+    add_model_flag,
+    add_output_flag,
+    non_negative_int,
+    positive_int,
+    read_yaml,
+    require_demo,
+    target_modules_arg,
+    write_yaml,
+)
+from .train import RUN_FLAGS, add_run_flags, run_settings
 
 # --- suggest ---------------------------------------------------------------------------------------------
 
@@ -92,7 +71,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from ..advise.probe_task import run_probe
     from ..advise.suggest import lora_yaml
 
-    settings = _base_settings(args)
+    settings = run_settings(args)
     result, model_dir = run_probe(settings, batches=args.batches, budget=args.budget, energy=args.energy,
                                   candidates=args.candidates, sketch=args.sketch, max_rank=args.max_rank,
                                   curvature=not args.no_curvature, newton=args.newton)
@@ -104,7 +83,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 f"# lorafit probe: complexity score {result.score:.1f} ({result.complexity}), "
                 f"{result.trainable:,} adapter parameters\n"
                 f"# train with `lorafit train --config {out / 'probe.yaml'}`\n")
-    (out / "probe.json").write_text(json.dumps(probe_summary(result), indent=1))
+    write_json(out / "probe.json", probe_summary(result), indent=1)
     plot_spectra(result, out / "spectra.png")
     print(f"\nwrote {out / 'probe.yaml'} (lorafit train --config), {out / 'probe.json'} and {out / 'spectra.png'}")
     return 0
@@ -129,7 +108,7 @@ def _probed_point(args: argparse.Namespace, settings: dict, out: Path):
     complexity = args.complexity
     report = probed_file.with_name("probe.json")  # lorafit probe writes the complexity there
     if complexity is None and report.is_file():
-        complexity = json.loads(report.read_text()).get("complexity")
+        complexity = read_json(report, error=ConfigError).get("complexity")
     return LoraConfig.from_dict(probed["lora"]), complexity or probed.get("complexity")
 
 
@@ -165,7 +144,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..train.loop import resolve_model_dir
     from ..train.train_config import TrainConfig
 
-    settings = _base_settings(args)
+    settings = run_settings(args)
     out = Path(args.output or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     meta = meta_model(resolve_model_dir(TrainConfig.from_dict(dict(settings))))
     points, marked = sweep_points(args, settings, out, meta)
@@ -182,7 +161,7 @@ def add_suggest_parser(sub) -> None:
                        "and parameter budget",
                        description="Suggest a LoRA configuration (rank, alpha, targets, variant) with one line of "
                                    "reasoning per choice. Exit code 1 when nothing fits the budget.")
-    p.add_argument("--model", help="local transformers model folder (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_flag(p, default=EMBEDDED_MODEL)
     p.add_argument("--complexity", choices=["simple", "complex"], help="task complexity (default: unknown, "
                    "treated as simple; `lorafit probe` measures it)")
     p.add_argument("--memory-budget", help="peak training memory allowed, e.g. 8GB or 512MB (default: none)")
@@ -191,16 +170,9 @@ def add_suggest_parser(sub) -> None:
                    "(default: quality)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="training batch for the memory check "
                    "(default: 8)")
-    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per example for the memory check "
-                   "(default: 256)")
-    p.add_argument("--output", help="write the config as YAML for `lorafit train --config` (default: print only)")
+    add_max_length_flag(p, "what the memory check assumes")
+    add_output_flag(p, "a YAML config for `lorafit train --config`", default="print only")
     p.set_defaults(func=cmd_suggest, needs=("transformers", "yaml"))
-
-
-def _add_run_flags(p: argparse.ArgumentParser, names: tuple[str, ...] = RUN_FLAGS) -> None:
-    p.add_argument("--config", help="YAML of training settings as for train; its 'lora:' section is ignored "
-                   "(default: none)")
-    _add_settings(p, names)
 
 
 def add_probe_parser(sub) -> None:
@@ -210,7 +182,7 @@ def add_probe_parser(sub) -> None:
                                    "batches, derive its effective rank and allocate LoRA ranks greedily by "
                                    "predicted loss decrease per parameter. Writes probe.yaml (for lorafit train "
                                    "--config), probe.json and spectra.png.")
-    _add_run_flags(p)
+    add_run_flags(p)
     p.add_argument("--budget", help="most adapter parameters, e.g. 500k (default: none; stop at --energy)")
     p.add_argument("--batches", type=positive_int, default=4, help="batches to accumulate (default: 4)")
     p.add_argument("--energy", type=float, default=0.9, help="share of the spectral energy / predicted gain to "
@@ -228,8 +200,7 @@ def add_probe_parser(sub) -> None:
                    "conjugate-gradient steps (each about three passes over the batches; 40-80 typical): separates "
                    "modules whose gradients overlap (v/o projections, residual-stream writers). 0 = off (default: 0)")
     p.add_argument("--top", type=positive_int, default=25, help="table rows to print (default: 25)")
-    p.add_argument("--output", help="folder for probe.yaml, probe.json, spectra.png "
-                   "(default: runs/probe-<timestamp>)")
+    add_output_flag(p, "the folder for probe.yaml, probe.json and spectra.png", default="runs/probe-<timestamp>")
     p.set_defaults(func=cmd_probe, needs=RUN_NEEDS)
 
 
@@ -238,7 +209,7 @@ def add_sweep_parser(sub) -> None:
                        description="Train every grid point (plus the suggested and probed configs) for the same "
                                    "number of steps and compare eval loss against trainable parameters. Resumable: "
                                    "rerun with the same --output and finished points are read back.")
-    _add_run_flags(p, RUN_FLAGS + ("steps", "lr", "eval_max"))
+    add_run_flags(p, RUN_FLAGS + ("steps", "lr", "eval_max"))
     p.add_argument("--grid", help="e.g. 'r=4,8,16;targets=qv,all-linear;variant=lora,dora' (keys r, targets, "
                    "variant, alpha; default: none)")
     p.add_argument("--include-suggested", action="store_true", help="add `lorafit suggest`'s config "
@@ -249,7 +220,7 @@ def add_sweep_parser(sub) -> None:
                    "(default: the probe's, else simple)")
     p.add_argument("--budget", help="adapter parameter budget for the probed and suggested points (default: none)")
     p.add_argument("--verbose", action="store_true", help="show each run's progress (default: log lines only)")
-    p.add_argument("--output", help="sweep folder; rerun with it to resume (default: runs/sweep-<timestamp>)")
+    add_output_flag(p, "the sweep folder; rerun with it to resume", default="runs/sweep-<timestamp>")
     p.set_defaults(func=cmd_sweep, needs=RUN_NEEDS)
 
 

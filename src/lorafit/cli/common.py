@@ -1,4 +1,5 @@
-"""What every command shares: argument types, YAML in and out, and the check for optional dependencies."""
+"""What every command shares: the flags many commands take, argument types, YAML in and out, and the check for
+optional dependencies."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import importlib.util
 import re
 from pathlib import Path
+from typing import Optional
 
 from ..errors import ConfigError, MissingExtraError
+from ..train.train_config import MAX_LENGTH_HELP, MODEL_HELP, OUTPUT_HELP, TrainConfig
 
 REGEX_CHARS = set("*|()[]\\^$+?{}")
 
@@ -60,6 +63,51 @@ def int_at_least(low: int):
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+# --- the flags many commands take ------------------------------------------------------------------------
+# Each is added here and only here (tests/cli/test_shared_flags.py checks): one function per flag, whose help is the
+# flag's one stem, the command's clause after ": ", and its default. `lorafit train`'s --model, --output and
+# --max-length (and probe's, sweep's and tune's --model and --max-length) come from TrainConfig's fields, whose help
+# starts with the same stems. A new shared flag (--device) is one more stem and one more function like these.
+
+EMBEDDED_MODEL = "the embedded SmolLM2-135M-Instruct"
+MAX_NEW_TOKENS_HELP = "most new tokens per answer"
+METAVARS = {"--model": "DIR", "--output": "PATH", "--max-length": "N", "--max-new-tokens": "N"}  # train's too
+
+
+def shared_help(stem: str, clause: Optional[str] = None, default: Optional[str] = None) -> str:
+    """'stem: clause (default: DEFAULT)', without the parts that are None."""
+    text = f"{stem}: {clause}" if clause else stem
+    return text if default is None else f"{text} (default: {default})"
+
+
+def add_model_flag(p: argparse.ArgumentParser, clause: Optional[str] = None, *, required: bool = False,
+                   default: str = "none") -> None:
+    """--model DIR; ``default`` says what an optional one falls back to (e.g. ``EMBEDDED_MODEL``)."""
+    p.add_argument("--model", required=required, metavar=METAVARS["--model"],
+                   help=shared_help(MODEL_HELP, clause, None if required else default))
+
+
+def add_output_flag(p: argparse.ArgumentParser, clause: str, *, required: bool = False,
+                    default: Optional[str] = None) -> None:
+    """--output PATH; ``clause`` says what is written there."""
+    p.add_argument("--output", required=required, metavar=METAVARS["--output"],
+                   help=shared_help(OUTPUT_HELP, clause, None if required else default))
+
+
+def add_max_length_flag(p: argparse.ArgumentParser, clause: Optional[str] = None, *,
+                        default: Optional[int] = TrainConfig.max_length, shown: Optional[str] = None) -> None:
+    """--max-length N, by default TrainConfig's; ``shown`` says what it is where ``default=None`` leaves it to the
+    command (plan: the config's)."""
+    p.add_argument("--max-length", type=positive_int, default=default, metavar=METAVARS["--max-length"],
+                   help=shared_help(MAX_LENGTH_HELP, clause, shown or str(default)))
+
+
+def add_max_new_tokens_flag(p: argparse.ArgumentParser, clause: Optional[str] = None, *, default: int) -> None:
+    """--max-new-tokens N: where a generated answer ends at the latest."""
+    p.add_argument("--max-new-tokens", type=positive_int, default=default, metavar=METAVARS["--max-new-tokens"],
+                   help=shared_help(MAX_NEW_TOKENS_HELP, clause, str(default)))
 
 
 def _yaml_loader():

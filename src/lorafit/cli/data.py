@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import positive_int, require_demo
+from .common import (
+    EMBEDDED_MODEL,
+    add_max_length_flag,
+    add_max_new_tokens_flag,
+    add_model_flag,
+    positive_int,
+    require_demo,
+)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -67,17 +74,16 @@ def add_eval_parser(sub) -> None:
                                    "eval loss, perplexity, choice accuracy for small answer sets; with --generate "
                                    "exact match of greedy answers, and for JSON answers the valid-JSON share and "
                                    "per-field accuracy.")
-    p.add_argument("--model", required=True, help="the base model folder")
+    add_model_flag(p, "the base model", required=True)
     p.add_argument("--adapter", help="a PEFT-format adapter folder, e.g. a lorafit train output (default: none)")
     p.add_argument("--data", required=True, help="data file or dataset folder, as for train")
     p.add_argument("--generate", action="store_true", help="also generate greedy answers and score them against "
                    "the references (default: off)")
     p.add_argument("--compare", action="store_true", help="evaluate the base model too, side by side "
                    "(default: off)")
-    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per example (default: 256)")
+    add_max_length_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default: 8)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit with --generate "
-                   "(default: 64)")
+    add_max_new_tokens_flag(p, "with --generate", default=64)
     p.add_argument("--json", action="store_true", help="print the metrics (and answers) as JSON (default: a table)")
     p.set_defaults(func=cmd_eval, needs=("transformers",))
 
@@ -94,9 +100,8 @@ def add_data_parser(sub) -> None:
                                    "save_to_disk folder; text, prompt/completion or conversations) and report what "
                                    "training will see.")
     p.add_argument("file", help="the data file or dataset folder")
-    p.add_argument("--model", help="model folder whose tokenizer (and chat template) to use (default: the embedded "
-                   "SmolLM2-135M-Instruct)")
-    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per example (default: 256)")
+    add_model_flag(p, "its tokenizer (and chat template) is used", default=EMBEDDED_MODEL)
+    add_max_length_flag(p)
     p.add_argument("--chat-template", help="a Jinja chat template file replacing the tokenizer's (default: none)")
     p.add_argument("--train-on-prompt", action="store_true", help="count the loss on every token (default: off)")
     p.add_argument("--show", type=int, default=0, metavar="K", help="print K rendered examples with the trained "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import positive_int
+from .common import add_model_flag, add_output_flag, positive_int
 
 FAMILY = "llama family: LlamaForCausalLM (Llama, SmolLM2), MistralForCausalLM, Qwen2ForCausalLM"
 
@@ -44,8 +44,8 @@ def add_parsers(sub) -> None:
     p.add_argument("adapter", help="adapter folder (lorafit or PEFT)")
     p.add_argument("--format", required=True, choices=["gguf", "vllm"], help="gguf: one llama.cpp LoRA file; "
                    "vllm: a PEFT folder vLLM scales correctly")
-    p.add_argument("--model", help="the base model folder (gguf: its config.json gives architecture, heads, shapes)")
-    p.add_argument("--output", required=True, help="the .gguf file (gguf) or a new folder (vllm)")
+    add_model_flag(p, "the base model; gguf needs it, its config.json gives architecture, heads and shapes")
+    add_output_flag(p, "the .gguf file (gguf) or a new folder (vllm)", required=True)
     p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF tensor type (default: f32; q8_0 "
                    "falls back to f16 for tensors whose rows are not a multiple of 32, as llama.cpp does)")
     p.add_argument("--max-lora-rank", type=positive_int, default=VLLM_MAX_LORA_RANK,
@@ -58,7 +58,7 @@ def add_parsers(sub) -> None:
                        f"2: bad input. llama.cpp: the {FAMILY}.")
     c.add_argument("adapter", help="adapter folder (lorafit or PEFT)")
     c.add_argument("--for", dest="target", required=True, choices=TARGETS, help="the engine that will load it")
-    c.add_argument("--model", help="llama.cpp: the base model folder, to check its architecture and shapes too")
+    add_model_flag(c, "the base model; llama.cpp checks its architecture and shapes too")
     c.add_argument("--max-lora-rank", type=positive_int, default=VLLM_MAX_LORA_RANK,
                    help=f"vllm: the server's --max-lora-rank (default: {VLLM_MAX_LORA_RANK}, vLLM's)")
     c.set_defaults(func=cmd_check, needs=())

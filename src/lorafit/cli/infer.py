@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from ..errors import ConfigError
+from .common import add_max_new_tokens_flag, add_model_flag
 
 PROMPT = "you> "
 ANSWER = "model> "
@@ -117,15 +118,14 @@ def _answer(chat, line: str) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="local transformers model folder (the base model)")
+    add_model_flag(p, "the base model", required=True)
     p.add_argument("--adapter", metavar="DIR", help="adapter folder (lorafit or PEFT; a `lorafit train` output "
                    "folder too) (default: none, the model alone)")
     p.add_argument("--system", metavar="TEXT", help="system message, the first turn of the chat template "
                    "(default: none)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template file replacing (or supplying) the "
                    "tokenizer's, as given to `lorafit train --chat-template` (default: the tokenizer's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="an answer ends here at the latest "
-                   "(default: 128)")
+    add_max_new_tokens_flag(p, default=128)
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy and deterministic; > 0 "
                    "samples from softmax(logits / T) (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling: keep the most probable "

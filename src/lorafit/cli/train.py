@@ -1,5 +1,6 @@
 """`lorafit train`: flags generated from TrainConfig's fields (and six LoraConfig fields), merged over the
-defaults and a --config YAML, then one call of ``lorafit.train.run``."""
+defaults and a --config YAML (``lorafit.train.settings``), then one call of ``lorafit.train.run``. probe, sweep and
+tune take some of the same flags and settings (``add_run_flags``, ``run_settings``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from typing import Optional
 from ..demo.task import DEFAULT_JOB
 from ..errors import ConfigError
 from ..lora_config import LoraConfig
-from ..train.train_config import SWITCH, TrainConfig, default_dtype, default_lora, field_help, settings, shown
-from .common import RUN_NEEDS, int_at_least, read_yaml, require, require_demo, target_modules_arg
+from ..train.settings import resolve_settings
+from ..train.train_config import SWITCH, TrainConfig, default_lora, field_help, settings, shown
+from .common import METAVARS, RUN_NEEDS, int_at_least, read_yaml, require, require_demo, target_modules_arg
 
 # flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
 LORA_FLAGS = {"--rank": ("r", int_at_least(1)), "--lora-alpha": ("lora_alpha", float),
               "--lora-dropout": ("lora_dropout", float), "--target-modules": ("target_modules", target_modules_arg),
               "--use-dora": ("use_dora", None), "--use-rslora": ("use_rslora", None)}
+RUN_FLAGS = ("model", "data", "batch_size", "max_length", "seed")  # TrainConfig settings probe, sweep and tune take
 
 
 def flag_name(field_name: str) -> str:
@@ -45,7 +48,9 @@ def train_flags() -> list[tuple[str, str, dict]]:
     for f in settings():
         check = f.metadata["check"]
         kw = dict(action=argparse.BooleanOptionalAction) if check is SWITCH else dict(type=_flag_type(check))
-        out.append((flag_name(f.name), f.name, dict(kw, help=field_help(f, DEFAULT_JOB))))
+        flag = flag_name(f.name)
+        kw.update({"metavar": METAVARS[flag]} if flag in METAVARS else {})  # as the other commands' (cli.common)
+        out.append((flag, f.name, dict(kw, help=field_help(f, DEFAULT_JOB))))
     for flag, (name, typ) in LORA_FLAGS.items():
         kw = dict(action="store_const", const=True) if typ is None else dict(type=typ)
         out.append((flag, "lora." + name, dict(kw, help=_lora_help(name))))
@@ -53,7 +58,7 @@ def train_flags() -> list[tuple[str, str, dict]]:
 
 
 def flag_table() -> str:
-    """The README's table of `lorafit train` flags, generated from the same fields as --help."""
+    """docs/cli.md's table of `lorafit train` flags, generated from the same fields as --help."""
     rows = ["| flag | setting |", "|---|---|"]
     for flag, _, kw in train_flags():
         shown = f"{flag}, --no-{flag[2:]}" if kw.get("action") is argparse.BooleanOptionalAction else flag
@@ -69,15 +74,30 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint "
                    "(its config.yaml is used; a finished run does nothing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, log lines only (default: off)")
-    for flag, field, kw in train_flags():
-        p.add_argument(flag, dest=_dest(field), default=None, **kw)
+    _add_train_flags(p)
     p.set_defaults(func=cmd_train, needs=RUN_NEEDS)
 
 
+def _add_train_flags(p: argparse.ArgumentParser, names: Optional[tuple[str, ...]] = None) -> None:
+    """`lorafit train`'s setting flags (only the ``names`` given), each unset (None) unless given (``given_flags``)."""
+    for flag, field, kw in train_flags():
+        if names is None or field in names:
+            p.add_argument(flag, dest=_dest(field), default=None, **kw)
+
+
+def add_run_flags(p: argparse.ArgumentParser, names: tuple[str, ...] = RUN_FLAGS) -> None:
+    """--config and the named TrainConfig settings as flags, with `lorafit train`'s names, types and help: the
+    settings of probe's, sweep's and tune's short runs (``run_settings``)."""
+    p.add_argument("--config", help="YAML of training settings as for train; its 'lora:' section is ignored "
+                   "(default: none)")
+    _add_train_flags(p, names)
+
+
 def given_flags(args: argparse.Namespace) -> dict:
-    """{"field" or "lora.field": value} of the flags given on the command line."""
-    return {field: getattr(args, _dest(field)) for _, field, _ in train_flags()
-            if getattr(args, _dest(field)) is not None}
+    """{"field" or "lora.field": value} of the settings' flags given on the command line (of those the command
+    has)."""
+    given = {field: getattr(args, _dest(field), None) for _, field, _ in train_flags()}
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def require_quant(command: str, fmt: Optional[str], strategy: str = "auto") -> None:
@@ -95,27 +115,21 @@ def require_quant(command: str, fmt: Optional[str], strategy: str = "auto") -> N
                           "drop --quantize to shard a bf16 base with FSDP2")
 
 
-def train_settings(args: argparse.Namespace) -> tuple[dict, str]:
-    """TrainConfig fields: TrainConfig's defaults <- the demo job's (when no model/data is given) <- YAML <- flags,
-    and one line on the dtype where none was named and it was chosen (``default_dtype``), else ""."""
-    yaml_cfg = read_yaml(args.config) if args.config else {}
-    if "lora" in yaml_cfg and not isinstance(yaml_cfg["lora"], dict):
-        raise ConfigError("'lora:' in the config file must be a mapping of LoraConfig fields")
-    given = given_flags(args)
-    demo = not any(k in yaml_cfg or k in given for k in ("model", "data"))
-    settings_: dict = {**(DEFAULT_JOB if demo else {}), **{k: v for k, v in yaml_cfg.items() if k != "lora"}}
-    lora = {**default_lora().to_dict(), **yaml_cfg.get("lora", {})}
-    for field, value in given.items():
-        if field.startswith("lora."):
-            lora[field[5:]] = value
-        else:
-            settings_[field] = value
-    settings_["lora"] = lora
-    note = ""
-    if "dtype" not in settings_:
-        dtype, note = default_dtype(demo=demo, quantize=settings_.get("quantize"))
-        settings_.update({"dtype": dtype} if dtype else {})
-    return settings_, note
+def train_settings(args: argparse.Namespace, *, lora: bool = True) -> tuple[dict, str]:
+    """``resolve_settings`` of the --config file and the flags given: TrainConfig fields (defaults <- the demo job's
+    when neither model nor data is set <- YAML <- flags) and the dtype note; ``lora=False`` ignores 'lora:'."""
+    config = read_yaml(args.config) if args.config else {}
+    return resolve_settings(config, given_flags(args), lora=lora)
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig fields of probe's, sweep's and tune's runs: ``train_settings`` without the 'lora:' section (they
+    choose the adapters) and without checkpoints (sweep points and tune trials are short; a finished one is the unit
+    of resumption)."""
+    settings_, _ = train_settings(args, lora=False)
+    settings_["save_every"] = 0
+    require_demo(args.command, settings_.get("model"))
+    return settings_
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -13,8 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .advise import _add_run_flags, _base_settings
-from .common import RUN_NEEDS, positive_int, read_yaml
+from .common import RUN_NEEDS, add_output_flag, positive_int, read_yaml
+from .train import RUN_FLAGS, add_run_flags, run_settings
 
 TUNE_NEEDS = RUN_NEEDS + ("optuna",)
 
@@ -24,7 +24,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..advise.suggest import parse_bytes, parse_count
     from ..advise.tune import TuneJob, tune
 
-    settings = _base_settings(args)
+    settings = run_settings(args)
     settings.setdefault("steps", 100)
     for key in ("model", "data"):  # every worker and trial process reads the same files, wherever it starts
         if settings.get(key):
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
                                    "the eval loss at rungs of the step budget) over the LoRA configuration. The "
                                    "first trials are suggest's and probe's configs. Rerun to resume; start more "
                                    "workers with the same --storage and --study to share it.")
-    _add_run_flags(p, ("model", "data", "batch_size", "max_length", "seed", "steps", "eval_max"))
+    add_run_flags(p, RUN_FLAGS + ("steps", "eval_max"))
     p.add_argument("--trials", type=positive_int, required=True, help="trials in the study, all workers together")
     p.add_argument("--storage", help="an Optuna database URL, e.g. postgresql://user:pw@host/db (default: "
                    "sqlite:///OUTPUT/study.db)")
@@ -70,6 +70,6 @@ def add_parser(sub) -> None:
                    "a trial silent for two is failed and re-run (default: 30)")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: random per worker, so "
                    "that workers do not draw the same trials)")
-    p.add_argument("--output", help="folder for study.db, trials/ and the results; rerun with it to resume "
-                   "(default: runs/tune-<timestamp>)")
+    add_output_flag(p, "the folder for study.db, trials/ and the results; rerun with it to resume",
+                    default="runs/tune-<timestamp>")
     p.set_defaults(func=cmd_tune, needs=TUNE_NEEDS)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import peft_format
-from ..files import writing_dir
+from ..files import append_line, read_jsonl, writing_dir
 
 
 def optimizer_state(model, optimizer, strategy: str) -> dict:
@@ -66,18 +66,11 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
 
 
 def append_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record appended to the run's metrics.jsonl (``files.append_line``: a torn last line is skipped)."""
+    append_line(out / "metrics.jsonl", json.dumps(record))
 
 
 def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill or a full disk: its step is redone on resume
-    return records
+    """The run's metrics.jsonl records; a line torn by a kill or a full disk is skipped (its step is redone on
+    resume)."""
+    return read_jsonl(out / "metrics.jsonl")

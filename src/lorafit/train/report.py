@@ -1,8 +1,10 @@
-"""report.png: the training loss curve and the evaluation before and after."""
+"""report.png: the training loss curve and the evaluation before and after, written atomically."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..files import write_figure
 
 
 def plot_run(metrics: list[dict], path: Path, title: str = "lorafit") -> Path:
@@ -37,6 +39,8 @@ def plot_run(metrics: list[dict], path: Path, title: str = "lorafit") -> Path:
         ax2.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_figure(path, fig)
+    finally:
+        plt.close(fig)
     return path

@@ -21,6 +21,12 @@ from ..quant import FORMATS
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
 
+# The stems of the help of --model, --output and --max-length: every command's flag of that name starts with its stem
+# (``lorafit.cli.common`` builds the others' and adds their clause after ": "), these fields' help included
+MODEL_HELP = "local transformers causal-LM folder"
+OUTPUT_HELP = "output path"
+MAX_LENGTH_HELP = "tokens per example"
+
 
 @dataclass(frozen=True)
 class Check:
@@ -66,11 +72,12 @@ def default_lora() -> LoraConfig:
 class TrainConfig:
     """Everything a run needs; every value is checked at construction (``ConfigError`` names the field)."""
 
-    model: Optional[str] = setting(None, "local transformers causal-LM folder (default: the embedded "
-                                   "SmolLM2-135M-Instruct)", PATH, show_default=False)
+    model: Optional[str] = setting(None, f"{MODEL_HELP} (default: the embedded SmolLM2-135M-Instruct)", PATH,
+                                   show_default=False)
     data: Optional[str] = setting(None, "JSONL or CSV with {text} or {prompt, completion} (default: the embedded "
                                   "sentiment task)", PATH, show_default=False)
-    output: Optional[str] = setting(None, "output folder (default: runs/<timestamp>)", PATH, show_default=False)
+    output: Optional[str] = setting(None, f"{OUTPUT_HELP}: the run folder (default: runs/<timestamp>)", PATH,
+                                    show_default=False)
     steps: int = setting(100, "optimizer steps (ignored when --epochs is set)", POSITIVE_INT)
     epochs: Optional[float] = setting(None, "passes over the training split; overrides --steps",
                                       Check(lambda v: v is None or (_number(v) and v > 0), "a positive number",
@@ -84,7 +91,7 @@ class TrainConfig:
     warmup_steps: int = setting(0, "linear warm-up steps", COUNT)
     weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping", NON_NEGATIVE)
-    max_length: int = setting(256, "tokens per example (prompts are cut from the left)", POSITIVE_INT)
+    max_length: int = setting(256, f"{MAX_LENGTH_HELP}: prompts are cut from the left", POSITIVE_INT)
     seed: int = setting(0, "seed for init, data order, split and dropout", COUNT)
     eval_split: float = setting(0.1, "share of the data held out for evaluation",
                                 Check(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", float))

@@ -1,0 +1,45 @@
+"""lorafit.advise.results: the one results.csv / results.md / pareto.png writer of sweep and tune."""
+
+from __future__ import annotations
+
+import csv
+
+from lorafit.advise.results import Column, markdown, number, pareto_front, plot_pareto, with_mark, write_results
+
+ROWS = [{"name": "a", "trainable": 100, "eval_loss": 1.0, "mark": "", "state": "complete"},
+        {"name": "b|c", "trainable": 200, "eval_loss": 0.8, "mark": "suggested", "state": "complete", "mean": 0.85,
+         "std": 0.05},
+        {"name": "p", "trainable": 50, "eval_loss": 0.5, "mark": "", "state": "pruned"},
+        {"name": "f", "trainable": 400, "eval_loss": None, "mark": "probed", "state": "failed"}]
+TABLE = (Column("point", lambda r: with_mark(r["name"], r)),
+         Column("trainable", lambda r: f"{r['trainable']:,}", "---:"),
+         Column("eval loss", lambda r: number(r["eval_loss"]), "---:"))
+
+
+def test_markdown_orders_complete_rows_by_loss_and_escapes_pipes():
+    assert markdown(ROWS, TABLE).splitlines() == [
+        "| point | trainable | eval loss |", "|---|---:|---:|",
+        "| b/c (suggested) | 200 | 0.8000 |", "| a | 100 | 1.0000 |", "| p | 50 | 0.5000 |",
+        "| f (probed) | 400 | - |"]
+
+
+def test_pareto_front_by_any_key():
+    rows = [{"trial": n, "trainable": t, "eval_loss": loss} for n, t, loss in
+            [(0, 100, 1.0), (1, 200, 0.8), (2, 300, 0.9), (3, 50, None)]]
+    assert pareto_front(rows, key="trial") == {0, 1}
+
+
+def test_write_results_writes_the_callers_columns_and_a_png(tmp_path):
+    paths = write_results(ROWS, tmp_path, columns=("name", "eval_loss", "mark"), table=TABLE, title="t",
+                          best=ROWS[1], label=lambda r: r["name"])
+    assert [p.name for p in paths] == ["results.csv", "results.md", "pareto.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png", "results.csv", "results.md"]  # no temp files
+    table = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert list(table[0]) == ["name", "eval_loss", "mark"] and [r["name"] for r in table] == ["a", "b|c", "p", "f"]
+    assert (tmp_path / "results.md").read_text().endswith("| f (probed) | 400 | - |\n")
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_pareto_without_any_eval_loss(tmp_path):
+    out = plot_pareto([{"trainable": 10, "eval_loss": None}], tmp_path / "p.png", title="empty")
+    assert out.read_bytes()[:4] == b"\x89PNG"
