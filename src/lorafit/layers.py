@@ -6,8 +6,8 @@
 The layer keeps the wrapped module's ``weight`` and ``bias`` Parameters by reference, so the base keys of the
 model's state_dict do not change (``q_proj.weight`` stays ``q_proj.weight``). Each adapter is an ``Adapter`` in
 ``layer.adapters[name]`` holding ``lora_A`` (r, in), ``lora_B`` (out, r) and, for DoRA, ``lora_magnitude`` (out,),
-so its parameters are named ``q_proj.adapters.<name>.lora_A`` in memory (on disk ``io`` writes PEFT's names). The
-original module is kept (unregistered) so that ``merge`` can put it back.
+so its parameters are named ``q_proj.adapters.<name>.lora_A`` in memory (on disk ``peft_format`` writes PEFT's
+names). The original module is kept (unregistered) so that ``merge`` can put it back.
 
 ``layer.active`` names the adapters in effect. With one, two forward paths compute the same function: in training
 mode, Linear and Conv1D layers take the fused path (``fused.lora_linear``: one autograd function, no saved dropout
@@ -83,9 +83,9 @@ def magnitude_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
 def compile_boundaries() -> None:
     """Put ``LoraLayer.fused_forward`` and ``SeededDropout.forward`` behind ``torch.compiler.disable`` (torch.compile
     runs them eagerly, between graphs: an autograd function with seeded masks), once, when the first adapter is
-    built. Not at import: ``torch.compiler.disable`` imports torch._dynamo, which took 1.4 s of ``import lorafit``'s
-    3.0 s (2026-12-06), and commands that build no adapter (help, bad input, plan, inspect) need none of it. An
-    adapter unpickled in a fresh process calls it too (``Adapter.__setstate__``)."""
+    built. Not at import: ``torch.compiler.disable`` imports torch._dynamo, a large share of ``import lorafit``'s
+    time (docs/performance.md), and commands that build no adapter (help, bad input, plan, inspect) need none of it.
+    An adapter unpickled in a fresh process calls it too (``Adapter.__setstate__``)."""
     for cls, name in ((LoraLayer, "fused_forward"), (fused.SeededDropout, "forward")):
         fn = cls.__dict__[name]
         if not getattr(fn, "_lorafit_eager", False):

@@ -1,7 +1,7 @@
 """TrainConfig: every setting of a training run, defined once.
 
 Each field carries its default, its help text and its check (``setting(...)``); validation runs the checks as a
-table, the CLI generates its flags from the fields, and ``flag_table()`` renders the README's table, so the three
+table, the CLI generates its flags from the fields, and ``flag_table()`` renders docs/cli.md's table, so the three
 cannot drift. ``config.yaml`` in a run folder is this dataclass (``lorafit train --config`` takes it back).
 """
 
@@ -59,7 +59,7 @@ def one_of(choices) -> Check:
 
 
 def setting(default, help: str, check: Check, *, show_default: bool = True):
-    """A TrainConfig field: its default, one line of help (the flag's and the README's), and its check."""
+    """A TrainConfig field: its default, one line of help (the flag's and docs/cli.md's), and its check."""
     return field(default=default, metadata={"help": help, "check": check, "show_default": show_default})
 
 
@@ -163,9 +163,10 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     With ``quantize``: bfloat16, QLoRA's recipe (NF4 storage, bf16 compute; Dettmers et al. 2023, §3). The default
     job: bfloat16 on a CPU with bf16 instructions whose bf16 matmuls also time at least ``BF16_MIN_SPEEDUP`` x
     float32's (``hf.bf16_speed``, 5-10 ms), float32 elsewhere. Both halves matter: an EPYC with avx512_bf16 ran the
-    job at the same 0.875 accuracy in 56 s against float32's 119 s, an Intel Xeon with avx512_bf16 but no AMX in
-    202 s against 111 s (its bf16 matmuls: 0.52-0.6x float32's), and without bf16 instructions it is emulated. A
-    torchrun launch (WORLD_SIZE > 1) stays float32: every rank parses the settings, and timings could disagree.
+    job at the same accuracy in about half float32's time, an Intel Xeon with avx512_bf16 but no AMX took longer in
+    bfloat16 (its bf16 matmuls run slower than float32's), and without bf16 instructions bf16 is emulated
+    (docs/performance.md). A torchrun launch (WORLD_SIZE > 1) stays float32: every rank parses the settings, and
+    timings could disagree.
     """
     if quantize:
         return "bfloat16", (f"dtype bfloat16: {quantize} base weights with bfloat16 compute, QLoRA's recipe "
