@@ -20,6 +20,12 @@ CHOICES = "auto, cpu, cuda, cuda:N or mps"
 _NAME = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
 
 
+def is_device_name(name) -> bool:
+    """Whether ``name`` is spelled as a device lorafit knows (present or not: ``resolve_device`` checks that)."""
+    m = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
+    return m is not None and (m.group(2) is None or m.group(1) == "cuda")
+
+
 def _local_rank() -> Optional[int]:
     """torchrun's LOCAL_RANK when this process is one of several, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
@@ -54,9 +60,9 @@ def _cuda(index: Optional[int], asked: str) -> tuple[torch.device, str]:
 def resolve_device(name: Optional[str] = "auto") -> tuple[torch.device, str]:
     """(the device, why it was chosen, in words) for ``name``: auto, cpu, cuda, cuda:N or mps (None: auto)."""
     asked = (name or "auto").strip().lower()
-    m = _NAME.match(asked)
-    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+    if not is_device_name(asked):
         raise ConfigError(f"--device {name!r} is not a device lorafit knows; use {CHOICES}")
+    m = _NAME.match(asked)
     kind, index = m.group(1), (int(m.group(2)) if m.group(2) is not None else None)
     if kind == "cpu":
         return torch.device("cpu"), "asked"

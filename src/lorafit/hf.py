@@ -65,9 +65,8 @@ def bf16_speed(n: int = 256, *, repeats: int = 5, budget_s: float = 0.05) -> flo
     runs in hardware, ~80 ms where it is emulated).
 
     The flags alone cannot tell: an Intel Xeon with avx512_bf16 but no AMX (as a VM may expose it) runs oneDNN's
-    avx512_core_bf16 kernels at 0.52-0.6x float32's speed (measured 2026-12-06: 0.52-0.6 here at n = 256, 0.60 at
-    512 and 1024, and the default job took 202 s in bfloat16 against 111 s in float32); an AMD EPYC with
-    avx512_bf16 runs them ~2.3x faster than float32.
+    avx512_core_bf16 kernels slower than float32, so the default job ran slower in bfloat16 there, while an AMD EPYC
+    with avx512_bf16 runs them about twice as fast as float32 (measured speeds and job times: docs/performance.md).
     """
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
@@ -106,13 +105,20 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
-def load_model(model_dir: Path, dtype: str = "float32"):
-    """A transformers causal LM and its tokenizer from a local folder (no network)."""
+def load_model(model_dir: Path, dtype: str = "float32", *, device: torch.device | str | None = None,
+               attn_implementation: str | None = None):
+    """A transformers causal LM and its tokenizer from a local folder (no network), its weights read straight onto
+    ``device`` (default: the CPU) in ``dtype``, never as a float32 CPU copy first. ``attn_implementation`` is
+    transformers' (sdpa, flash_attention_2, eager; default: transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(model_dir)
+    device = torch.device(device or "cpu")
+    kwargs = {} if device.type == "cpu" else {"device_map": str(device)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot load a causal LM and tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
     return model, tok
@@ -160,20 +166,50 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def label_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where a (B, T) batch of labels is labelled, as index tensors, computed where the labels are: on the host
+    before a batch moves to its device (``to_device``), so that the step reads nothing back to find them.
+
+    ``label_cols`` (K,) the positions any row labels; ``label_sel`` (B, K) which of them each row labels;
+    ``label_index`` (N,) the labelled entries of the flattened (B·K) kept positions; ``label_targets`` (N,) their
+    next tokens; ``label_first`` (B',) which of the N is each labelled row's first (its answer's first token).
+    """
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = targets != IGNORE
+    cols = mask.any(0).nonzero().squeeze(1)  # (K,)
+    sel = mask[:, cols]  # (B, K)
+    first = (sel.cumsum(1).eq(1) & sel)[sel]  # (N,): a row's first labelled position
+    return {"label_cols": cols, "label_sel": sel, "label_index": sel.reshape(-1).nonzero().squeeze(1),
+            "label_targets": targets[:, cols][sel], "label_first": first.nonzero().squeeze(1)}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch with its label positions (``label_positions``, found on the host), on ``device``: one copy
+    per tensor, from pinned memory and without waiting on CUDA; the CPU keeps the batch as it is."""
+    if "label_cols" not in batch:
+        batch = {**batch, **label_positions(batch["labels"])}
+    device = torch.device(device)
+    if device.type == "cpu":
+        return batch
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits only where a label is predicted: (N, V) logits, (N,) targets, and (B, K) which of the kept positions
     each row labels. The LM head runs on the K labelled positions instead of all T (transformers'
-    ``logits_to_keep``), which for one-token answers saves most of the head's time and the (B, T, V) logits."""
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    mask = targets != IGNORE
-    cols = mask.any(0).nonzero().squeeze(1)  # (K,)
+    ``logits_to_keep``), which for one-token answers saves most of the head's time and the (B, T, V) logits.
+    A batch from ``to_device`` brings its label positions; any other batch has them found here."""
+    if "label_cols" not in batch:
+        batch = {**batch, **label_positions(batch["labels"])}
+    cols = batch["label_cols"]
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if _accepts_logits_to_keep(unwrap(model)):
         logits = model(**kwargs, logits_to_keep=cols).logits  # (B, K, V)
     else:
-        logits = model(**kwargs).logits[:, :-1][:, cols]  # (B, K, V)
-    sel = mask[:, cols]  # (B, K)
-    return logits[sel], targets[:, cols][sel], sel
+        logits = model(**kwargs).logits[:, :-1].index_select(1, cols)  # (B, K, V)
+    logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["label_index"])  # (N, V)
+    return logits, batch["label_targets"], batch["label_sel"]
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

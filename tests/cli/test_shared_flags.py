@@ -88,7 +88,7 @@ def test_probe_sweep_and_tune_resolve_what_train_resolves(command, tmp_path):
 def test_a_demo_run_of_probe_and_train_gets_the_demo_job(tmp_path, monkeypatch):
     import lorafit.train.settings as settings
 
-    monkeypatch.setattr(settings, "default_dtype", lambda *, demo, quantize: ("float32", f"demo={demo}"))
+    monkeypatch.setattr(settings, "default_dtype", lambda *, demo, quantize, device: ("float32", f"demo={demo}"))
     monkeypatch.setattr("lorafit.cli.train.require_demo", lambda command, model: None)
     config = tmp_path / "c.yaml"
     config.write_text("model: null\nsteps: 7\n")  # a null names no model: still the demo job

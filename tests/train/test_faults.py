@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 import lorafit
 import lorafit.files as lfiles
 import lorafit.peft_format as peft_format
-import lorafit.train.loop as ltrain
+import lorafit.train.steps as ltrain
 from helpers import close, make_data, make_model_dir
 from lorafit import LoraConfig
 from lorafit.cli import main

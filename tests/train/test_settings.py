@@ -15,7 +15,7 @@ from lorafit.train.train_config import TrainConfig, default_lora
 @pytest.fixture(autouse=True)
 def no_timing(monkeypatch):
     """default_dtype times bf16 for the demo job: record its arguments instead."""
-    monkeypatch.setattr(settings, "default_dtype", lambda *, demo, quantize: (
+    monkeypatch.setattr(settings, "default_dtype", lambda *, demo, quantize, device: (
         "bfloat16" if demo or quantize else None, f"demo={demo} quantize={quantize}" if demo or quantize else ""))
 
 

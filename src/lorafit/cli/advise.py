@@ -209,7 +209,7 @@ def add_sweep_parser(sub) -> None:
                        description="Train every grid point (plus the suggested and probed configs) for the same "
                                    "number of steps and compare eval loss against trainable parameters. Resumable: "
                                    "rerun with the same --output and finished points are read back.")
-    add_run_flags(p, RUN_FLAGS + ("steps", "lr", "eval_max"))
+    add_run_flags(p, RUN_FLAGS + ("steps", "lr", "eval_max", "device"))
     p.add_argument("--grid", help="e.g. 'r=4,8,16;targets=qv,all-linear;variant=lora,dora' (keys r, targets, "
                    "variant, alpha; default: none)")
     p.add_argument("--include-suggested", action="store_true", help="add `lorafit suggest`'s config "

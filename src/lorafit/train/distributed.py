@@ -43,20 +43,21 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed(timeout_s: float = 300) -> Dist:
+def init_distributed(timeout_s: float = 300, device: torch.device | None = None) -> Dist:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a single
-    process without those variables runs alone. ``timeout_s`` bounds every collective, so a dead peer ends the
-    job with an error instead of a hang."""
+    process without those variables runs alone on ``device`` (default: the CPU). ``timeout_s`` bounds every
+    collective, so a dead peer ends the job with an error instead of a hang. The backend follows the device (from
+    ``devices.resolve_device``, which gives each rank cuda:LOCAL_RANK): nccl on CUDA, gloo elsewhere."""
+    device = torch.device(device or "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent (not by a shell that may exit early)
         watch_launcher()
     if not dist.is_initialized():
@@ -153,6 +154,13 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and len(module) > 1:
             return list(module)
     return []
+
+
+def all_sum_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor across ranks in place, on its device, without reading it (identity on one process)."""
+    if d.enabled:
+        dist.all_reduce(t)
+    return t
 
 
 def all_sum(values: list[float], d: Dist) -> list[float]:

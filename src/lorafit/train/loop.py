@@ -15,7 +15,6 @@ Output folder layout:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -31,16 +30,18 @@ import torch
 import torch.nn.functional as F
 
 from .. import peft_format
+from ..devices import device_label, resolve_device
 from ..errors import DataError, TrainingError
 from ..files import read_json, write_json, write_text
 from ..hf import (
+    DTYPES,
     IGNORE,
     bf16_speed,
     check_model_dir,
     labelled_logits,
     load_model,
     native_bf16,
-    token_loss_sum,
+    to_device,
     use_chat_template,
 )
 from ..model import adapter_parameter_names, attach, trainable_parameters
@@ -55,6 +56,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Task, batch_indices, collate, file_task, pack, tokenize_all
+from .steps import read_steps, skips_on_device, train_step
 from .train_config import TrainConfig
 
 
@@ -108,15 +110,18 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @torch.no_grad()
 def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False, d=None) -> dict[str, float]:
     """Eval loss over the held-out split, and choice accuracy when the task has single-token choices. Under
     torchrun each rank scores every world-th example and the sums are all-reduced."""
     from tqdm.auto import tqdm
 
-    from .distributed import Dist, all_sum
-
-    d = d or Dist()
+    d = d or D.Dist()
     if not task.eval:
         return {}
     examples = task.eval[d.rank::d.world]
@@ -126,24 +131,24 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False
     if task.choices:
         ids = [tok(c, add_special_tokens=False)["input_ids"] for c in task.choices]
         choice_ids = [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
-    total, count, correct = 0.0, 0, 0
+    device = d.device if d.enabled else model_device(model)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, correct answers: read once, at the end
     for i in tqdm(range(0, len(examples), cfg.batch_size), desc="evaluating", disable=not progress, leave=False):
         chunk = examples[i:i + cfg.batch_size]
         rows, _ = tokenize_all(chunk, tok, cfg.max_length, cfg.add_eos, train_on_prompt=cfg.train_on_prompt)
         if not rows:
             continue
-        batch = collate(rows, tok.pad_token_id)
-        logits, targets, sel = labelled_logits(model, batch)  # (N, V), (N,), (B, K)
+        batch = to_device(collate(rows, tok.pad_token_id), device)
+        logits, targets, _ = labelled_logits(model, batch)  # (N, V), (N,), (B, K)
         logits = logits.float()
-        total += F.cross_entropy(logits, targets, reduction="sum").item()
-        count += len(targets)
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum")
+        sums[1] += targets.numel()
         if choice_ids is not None:
-            first = sel.cumsum(1).eq(1) & sel  # (B, K): each row's first labelled position
-            rows = logits[first[sel]]  # (B, V): the logits that predict the first answer token
-            gold = torch.tensor([task.choices.index(e["completion"]) for e in chunk])
-            correct += int((rows[:, choice_ids].argmax(1) == gold).sum())
+            answers = logits.index_select(0, batch["label_first"])  # (B, V): the logits of each answer's first token
+            gold = torch.tensor([task.choices.index(e["completion"]) for e in chunk], device=device)
+            sums[2] += (answers[:, choice_ids].argmax(1) == gold).sum()
     model.train(was_training)
-    total, count, correct = all_sum([total, float(count), float(correct)], d)
+    total, count, correct = D.all_sum_tensor(sums, d).tolist()
     out = {"eval_loss": total / max(count, 1)}
     if choice_ids is not None:
         out["eval_accuracy"] = correct / len(task.eval)
@@ -178,6 +183,9 @@ class RunState:
     start: int = 0
     kept: list = field(default_factory=list)  # metrics records of the steps before ``start``
     counts: dict = field(default_factory=dict)  # training examples cut to max_length / dropped
+    device: torch.device = torch.device("cpu")  # where the model and every batch are
+    bad: Optional[torch.Tensor] = None  # () on the device: a loss or gradient was non-finite (``steps``)
+    read_every: int = 1  # steps between reads of the device (``steps.read_steps``)
 
     def log(self, record: dict) -> None:
         if self.d.main:
@@ -211,8 +219,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     Bad input (data, model folder, LoRA config) raises before anything is written to the output folder. Under
     torchrun, every rank trains its share of each global batch and rank 0 writes the files.
     """
-    d = D.init_distributed(cfg.dist_timeout)
-    summary = _run(cfg, d, resume=resume, quiet=quiet)
+    device, why = resolve_device(cfg.device)  # an absent device fails here, before any work
+    d = D.init_distributed(cfg.dist_timeout, device)
+    summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why)
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
     # reducer holds the process group) is freed while every peer is still there, then leave the group together.
     gc.collect()
@@ -220,14 +229,18 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     return summary
 
 
-def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool) -> dict:
+def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: str = "") -> dict:
     state = RunState(cfg, d, prepare_output(cfg, resume), _say(quiet) if d.main else (lambda msg: None),
-            show=not quiet and d.main, quiet=quiet)
+                     show=not quiet and d.main, quiet=quiet, device=d.device)
     state_file = state.out / "trainer_state.json"
     summary = read_json(state_file, error=DataError) if resume and state_file.is_file() else {}
     if summary.get("finished"):
         state.say(f"{state.out}: this run is already finished; nothing to do")
         return summary
+    if state.device.type == "cuda" and cfg.dtype == "float32":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (Ampere and later), as HF Trainer's tf32=True
+    state.say(f"device: {device_label(state.device, DTYPES[cfg.dtype])}, {cfg.attn_implementation or 'default'} "
+              f"attention ({device_why})")
     prepare(state, resume=resume)
     restore(state)
     before = fit(state)
@@ -243,7 +256,8 @@ def prepare(state: RunState, *, resume: bool) -> None:
         hf_logging.disable_progress_bar()
     state.task = load_task(cfg)
     state.model_dir = resolve_model_dir(cfg, progress=state.show)
-    model, state.tok = load_model(state.model_dir, cfg.dtype)
+    model, state.tok = load_model(state.model_dir, cfg.dtype, device=state.device,
+                                  attn_implementation=cfg.attn_implementation)
     if cfg.chat_template:
         use_chat_template(state.tok, cfg.chat_template)
     select_targets(model, cfg.lora)  # a config that does not fit the model fails here, before any file is written
@@ -268,6 +282,8 @@ def prepare(state: RunState, *, resume: bool) -> None:
     state.params = [p for n, p in state.core.named_parameters() if n in names]
     state.optimizer = adamw(state.params, cfg.lr, cfg.weight_decay, fused=state.strategy != "fsdp")
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lr_lambda(cfg, state.steps))
+    state.bad = torch.zeros((), dtype=torch.bool, device=state.device)
+    state.read_every = cfg.log_every if skips_on_device(state.optimizer) else 1
 
 
 def check_bf16(state: RunState) -> None:
@@ -357,7 +373,8 @@ def restore(state: RunState) -> None:
 
 def fit(state: RunState) -> dict:
     """Evaluate before training (unless a resumed run has it), then train from step ``start`` to the end with
-    evaluations and checkpoints as configured. Returns the eval before training."""
+    evaluations and checkpoints as configured. The steps' numbers are read from the device every ``read_every``
+    steps and before every evaluation and checkpoint (``steps.read_steps``). Returns the eval before training."""
     from tqdm.auto import tqdm
 
     cfg = state.cfg
@@ -371,19 +388,20 @@ def fit(state: RunState) -> dict:
     batches = batch_indices(len(state.train_set), cfg.batch_size * state.d.world, cfg.seed,
                             start=state.start * cfg.grad_accum, lengths=lengths)
     bar = tqdm(total=state.steps, initial=state.start, desc="training", disable=not state.show, dynamic_ncols=True)
+    pending = []
     for step in range(state.start + 1, state.steps + 1):
-        loss, norm = train_step(state, batches, step)
-        state.log({"step": step, "loss": loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": norm,
-                   "elapsed": round(time.time() - state.t0, 2)})
+        pending.append(train_step(state, batches, step))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if state.quiet and (step % max(1, state.steps // 10) == 0 or step == state.steps):
-            state.say(f"step {step}/{state.steps} loss {loss:.4f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != state.steps:
+        evaluating = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != state.steps
+        saving = bool(cfg.save_every) and step % cfg.save_every == 0
+        if step % state.read_every == 0 or evaluating or saving or step == state.steps:
+            log_steps(state, read_steps(state, pending), bar)
+            pending = []
+        if evaluating:
             ev = {"step": step, "kind": "eval", **evaluate(state.model, state.tok, state.task, cfg, d=state.d)}
             state.log(ev)
             state.say(f"step {step}: {_fmt(ev)}")
-        if cfg.save_every and step % cfg.save_every == 0:
+        if saving:
             optim_state = optimizer_state(state.model, state.optimizer, state.strategy)
             state.ckpt = save_checkpoint(state.out, step, state.core, optim_state=optim_state,
                                          scheduler=state.scheduler, d=state.d)
@@ -391,33 +409,14 @@ def fit(state: RunState) -> dict:
     return before
 
 
-def train_step(state: RunState, batches, step: int) -> tuple[float, float]:
-    """One optimizer step over ``grad_accum`` micro-batches: the loss is the mean over every labelled token of the
-    global batch. Returns (loss, gradient norm); a non-finite loss or gradient stops the run before the update."""
-    cfg, d = state.cfg, state.d
-    micro = []
-    for _ in range(cfg.grad_accum):
-        idx = next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
-        micro.append(collate([state.train_set[i] for i in idx], state.tok.pad_token_id))
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    (n_tokens,) = D.all_sum([float(local_tokens)], d)  # the step's loss is the mean over all its tokens
-    local_loss = 0.0
-    for k, batch in enumerate(micro):
-        sync = k == len(micro) - 1 or state.strategy != "ddp"
-        with (contextlib.nullcontext() if sync else state.model.no_sync()):
-            loss_sum = token_loss_sum(state.model, batch)
-            if not torch.isfinite(loss_sum):
-                raise state.stopping(f"loss became {loss_sum.item()}", step)
-            (loss_sum * (d.world / max(n_tokens, 1.0))).backward()  # DDP averages over ranks: undo it
-        local_loss += loss_sum.item()
-    (total,) = D.all_sum([local_loss], d)
-    norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    if not torch.isfinite(norm):
-        raise state.stopping("gradients became non-finite", step, before_update=True)
-    state.optimizer.step()
-    state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    return total / max(n_tokens, 1.0), float(norm)
+def log_steps(state: RunState, records: list[dict], bar) -> None:
+    """One metrics line per step, the progress bar's loss, and (--quiet) a line every tenth of the run."""
+    for record in records:
+        state.log(record)
+        step, loss = record["step"], record["loss"]
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if state.quiet and (step % max(1, state.steps // 10) == 0 or step == state.steps):
+            state.say(f"step {step}/{state.steps} loss {loss:.4f}")
 
 
 def finish(state: RunState, before: dict) -> dict:

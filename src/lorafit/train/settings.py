@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..demo.task import DEFAULT_JOB
+from ..devices import resolve_device
 from ..errors import ConfigError
 from .train_config import default_dtype, default_lora
 
@@ -39,7 +40,8 @@ def resolve_settings(config: dict, flags: dict[str, Any], *, lora: bool = True) 
         merged["lora"] = _adapter(config, flags)
     note = ""
     if "dtype" not in merged:
-        dtype, note = default_dtype(demo=demo, quantize=merged.get("quantize"))
+        device, _ = resolve_device(merged.get("device", "auto"))  # an absent device fails here, before any work
+        dtype, note = default_dtype(demo=demo, quantize=merged.get("quantize"), device=device)
         merged.update({"dtype": dtype} if dtype else {})
     return merged, note
 

@@ -13,12 +13,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+
+from .. import devices
 from ..errors import ConfigError
 from ..hf import BF16_MIN_SPEEDUP, DTYPES, bf16_speed, native_bf16
 from ..lora_config import LoraConfig
 from ..quant import FORMATS
 
 SCHEDULES = ("cosine", "linear", "constant")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")  # transformers' attn_implementation names
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 # The stems of the help of --model, --output and --max-length: every command's flag of that name starts with its stem
@@ -108,6 +112,14 @@ class TrainConfig:
     quantize: Optional[str] = setting(None, "store the frozen base linears as " + " or ".join(FORMATS) + " (QLoRA, "
                                       "via torchao; the adapter stays float32)",
                                       Check(lambda v: v is None or v in FORMATS, ", ".join(FORMATS) + " or null"))
+    device: str = setting("auto", "where to train: auto (cuda:LOCAL_RANK under torchrun, else cuda, else mps, else "
+                          "cpu), cpu, cuda, cuda:N or mps", Check(devices.is_device_name, devices.CHOICES))
+    attn_implementation: Optional[str] = setting(None, "transformers' attention kernel: " + ", ".join(ATTENTION)
+                                                 + " (default: transformers' choice, sdpa where it runs)",
+                                                 Check(lambda v: v is None or v in ATTENTION,
+                                                       ", ".join(ATTENTION) + " or null"), show_default=False)
+    log_every: int = setting(10, "read the loss and gradient norm back from the device every N steps (and before "
+                             "every eval and checkpoint); every step still gets its metrics line", POSITIVE_INT)
     add_eos: bool = setting(True, "append EOS to completions and texts", SWITCH)
     group_by_length: bool = setting(True, "batch examples of similar length together (less padding)", SWITCH)
     pack: bool = setting(False, "text data only: concatenate the examples and cut them into full blocks of "
@@ -156,12 +168,15 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
 
 
-def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str], str]:
-    """The base dtype of a run whose settings name none, and one line saying why; (None, "") keeps TrainConfig's
-    float32.
+def default_dtype(*, demo: bool, quantize: Optional[str], device="cpu") -> tuple[Optional[str], str]:
+    """The base dtype of a run on ``device`` whose settings name none, and one line saying why; (None, "") keeps
+    TrainConfig's float32.
 
-    With ``quantize``: bfloat16, QLoRA's recipe (NF4 storage, bf16 compute; Dettmers et al. 2023, §3). The default
-    job: bfloat16 on a CPU with bf16 instructions whose bf16 matmuls also time at least ``BF16_MIN_SPEEDUP`` x
+    With ``quantize``: bfloat16, QLoRA's recipe (NF4 storage, bf16 compute; Dettmers et al. 2023, §3). On CUDA:
+    bfloat16 where the GPU has bf16 units (``torch.cuda.is_bf16_supported(including_emulation=False)``), else
+    float32, whose matmuls then run in TF32 (the loop sets ``torch.set_float32_matmul_precision("high")``), as
+    transformers' Trainer and Axolotl default to on Ampere and later. On MPS: float32 unless asked. On the CPU, the
+    default job: bfloat16 on a CPU with bf16 instructions whose bf16 matmuls also time at least ``BF16_MIN_SPEEDUP`` x
     float32's (``hf.bf16_speed``, 5-10 ms), float32 elsewhere. Both halves matter: an EPYC with avx512_bf16 ran the
     job at the same accuracy in about half float32's time, an Intel Xeon with avx512_bf16 but no AMX took longer in
     bfloat16 (its bf16 matmuls run slower than float32's), and without bf16 instructions bf16 is emulated
@@ -171,7 +186,13 @@ def default_dtype(*, demo: bool, quantize: Optional[str]) -> tuple[Optional[str]
     if quantize:
         return "bfloat16", (f"dtype bfloat16: {quantize} base weights with bfloat16 compute, QLoRA's recipe "
                             "(--dtype float32 computes in float32)")
-    if not demo:
+    device = torch.device(device)
+    if device.type == "cuda":
+        native, why = native_bf16("cuda")
+        if native:
+            return "bfloat16", f"dtype bfloat16: {why} (--dtype float32 for float32 with TF32 matmuls)"
+        return "float32", f"dtype float32 with TF32 matmuls: {why}"
+    if not demo or device.type != "cpu":
         return None, ""
     native, why = native_bf16("cpu")
     if not native:

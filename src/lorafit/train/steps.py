@@ -1,0 +1,98 @@
+"""One optimizer step that reads nothing back from the device, and the one read per logging interval.
+
+A host read (``.item()``, ``float(t)``, ``if t``) makes the CPU wait for every kernel queued on a GPU. So a step
+keeps its loss, token count and gradient norm on the device, and its non-finite check is a device flag: once a loss
+or gradient is non-finite, the flag stays set and torch's fused AdamW skips every later update on the device (its
+``found_inf``, as under a GradScaler). ``read_steps`` reads the interval's numbers in one transfer (one all-reduce
+under torchrun) every ``log_every`` steps and before every evaluation and checkpoint; it names the first bad step
+and raises, so non-finite weights are never saved and the run keeps its last good checkpoint. An optimizer without
+``found_inf`` (FSDP2's DTensor shards, a device without fused AdamW) is read after every step instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..hf import IGNORE, to_device, token_loss_sum
+from . import distributed as D
+from .data import collate
+
+
+@dataclass
+class StepNumbers:
+    """What one step leaves on the device until the next read."""
+
+    step: int
+    lr: float
+    elapsed: float
+    loss_sum: torch.Tensor  # () this rank's summed token loss
+    tokens: torch.Tensor  # () labelled tokens of the global batch
+    norm: torch.Tensor  # () gradient norm before clipping
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` takes a ``found_inf`` flag and skips its update on the device (torch's fused Adam)."""
+    return bool(optimizer.defaults.get("fused"))
+
+
+def _micro_batches(state, batches) -> list[dict]:
+    cfg, d = state.cfg, state.d
+    micro = []
+    for _ in range(cfg.grad_accum):
+        idx = next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
+        micro.append(collate([state.train_set[i] for i in idx], state.tok.pad_token_id))
+    return micro
+
+
+def train_step(state, batches, step: int) -> StepNumbers:
+    """One optimizer step over ``grad_accum`` micro-batches: the loss is the mean over every labelled token of the
+    global batch. Nothing is read back from the device; a non-finite loss or gradient sets ``state.bad``, which
+    skips this update and every later one until ``read_steps`` stops the run."""
+    cfg, d, device = state.cfg, state.d, state.device
+    micro = _micro_batches(state, batches)
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)  # counted on the host, pre-copy
+    tokens = D.all_sum_tensor(torch.tensor(float(local_tokens), device=device), d)
+    scale = d.world / tokens.clamp_min(1.0)  # the step's loss is the mean over all its tokens; DDP averages ranks
+    loss = torch.zeros((), device=device)
+    for k, batch in enumerate(micro):
+        sync = k == len(micro) - 1 or state.strategy != "ddp"
+        with (contextlib.nullcontext() if sync else state.model.no_sync()):
+            loss_sum = token_loss_sum(state.model, to_device(batch, device))
+            (loss_sum * scale).backward()
+        loss += loss_sum.detach().float()
+    norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    state.bad |= ~torch.isfinite(loss) | ~torch.isfinite(norm)
+    if skips_on_device(state.optimizer):
+        state.optimizer.found_inf = state.bad.float()  # the fused kernel skips the update where it is 1
+    elif state.bad.item():  # read every step: this optimizer cannot skip on the device
+        state.optimizer.zero_grad(set_to_none=True)
+        return StepNumbers(step, state.scheduler.get_last_lr()[0], time.time() - state.t0, loss, tokens, norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return StepNumbers(step, state.scheduler.get_last_lr()[0], time.time() - state.t0, loss, tokens, norm)
+
+
+def read_steps(state, pending: list[StepNumbers]) -> list[dict]:
+    """The metrics records of the pending steps, from one read of the device (one all-reduce under torchrun).
+    Raises the run's TrainingError at the first step whose loss or gradient was non-finite: that step and every
+    later one left the weights as they were."""
+    if not pending:
+        return []
+    losses = D.all_sum_tensor(torch.stack([p.loss_sum for p in pending]), state.d)
+    rows = torch.stack([losses, torch.stack([p.tokens for p in pending]),
+                        torch.stack([p.norm.float() for p in pending])]).tolist()  # the interval's one host read
+    records = []
+    for p, loss_sum, tokens, norm in zip(pending, *rows):
+        if not math.isfinite(loss_sum):
+            raise state.stopping(f"loss became {loss_sum}", p.step, before_update=True)
+        if not math.isfinite(norm):
+            raise state.stopping("gradients became non-finite", p.step, before_update=True)
+        records.append({"step": p.step, "loss": loss_sum / max(tokens, 1.0), "lr": p.lr, "grad_norm": norm,
+                        "elapsed": round(p.elapsed, 2)})
+    return records
