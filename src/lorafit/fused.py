@@ -318,7 +318,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # W0·x again; checked on the CPU only, where it costs no device sync): save that instead, the same size when
         # xa is x2
         dropped_only = keep is not None and xa is x2 and not weight.requires_grad and not (
-            dora and (x.device.type != "cpu" or bool((magnitude == 0).any())))
+            dora and (x.device.type not in HOST_LOOKUP or bool((magnitude == 0).any())))
         ctx.save_for_backward(None if dropped_only else x, weight, bias, A, B, h, magnitude, norm,
                               out if dora else None, xd if dropped_only else None, keep)
         ctx.s, ctx.p, ctx.seed, ctx.transposed, ctx.x_shape = s, p, seed, transposed, x.shape
@@ -371,21 +371,36 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None, None
 
 
+ZERO_ROWS = 8  # DoRA rows with m = 0 that backward recomputes on an accelerator (``_magnitude_grad``)
+HOST_LOOKUP = ("cpu",)  # device types where DoRA reads whether a magnitude is 0: a host read costs nothing there
+
+
 def _magnitude_grad(g: Tensor, out: Tensor, x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, h: Tensor,
                     scale: float, magnitude: Tensor, norm: Tensor) -> Tensor:
     """∂L/∂m = Σ_n g ⊙ y / ||W||, with y / ||W|| = (out - b) / m read off the saved output.
 
-    Rows with m = 0 were scaled to zero, so their y is recomputed (a (N, k) slice of the forward).
+    Rows with m = 0 (e.g. a pruned, all-zero row of W0, whose magnitude starts at 0) were scaled to zero, so their y
+    is recomputed (a (N, k) slice of the forward). On the CPU the zero rows are looked up; elsewhere, where a lookup
+    would make the host wait for the device, the first ``ZERO_ROWS`` of them are taken at a static size (their slice
+    costs an (N, in) x (in, ZERO_ROWS) product, under 1% of a layer's), and any beyond give a non-finite gradient,
+    which stops the run (``train.steps``).
     """
     y = out if bias is None else out - bias  # (N, out): (m / ||W||) ⊙ y
     grad = torch.linalg.vecdot(g, y if y.dtype == g.dtype else y.to(g.dtype), dim=0).div_(magnitude)  # (out,)
     zero = magnitude == 0
-    if zero.any():
-        rows = zero.nonzero().squeeze(1)
-        x2 = x.reshape(-1, x.shape[-1])
-        y_rows = F.linear(x2, dense(W)[rows]).to(h.dtype).addmm_(h, B[rows].t(), alpha=scale)  # (N, k)
-        grad[rows] = torch.linalg.vecdot(g[:, rows], y_rows, dim=0) / norm[rows]
-    return grad
+    if g.device.type in HOST_LOOKUP:
+        if not zero.any():  # a host read, free on the CPU
+            return grad
+        rows = zero.nonzero().squeeze(1)  # (k,)
+    else:
+        rows = torch.nonzero_static(zero, size=min(ZERO_ROWS, zero.numel()), fill_value=zero.numel()).squeeze(1)
+    x2 = x.reshape(-1, x.shape[-1])
+    take = rows.clamp_max(zero.numel() - 1)  # the fill value points past the end: any real row, then dropped
+    y_rows = F.linear(x2, dense(W).index_select(0, take)).to(h.dtype).addmm_(h, B.index_select(0, take).t(),
+                                                                            alpha=scale)  # (N, k)
+    fixed = torch.linalg.vecdot(g.index_select(1, take), y_rows, dim=0) / norm.index_select(0, take)  # (k,)
+    padded = torch.cat([grad, grad.new_zeros(1)])  # (out + 1,): the fill rows write into the extra slot
+    return padded.index_copy_(0, rows, fixed.to(grad.dtype))[:-1]
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B: Tensor, s: float, p: float,
@@ -414,7 +429,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, A: Tensor, B:
     """
     seed = dropout_seed(x, p) if p > 0 else 0  # keyed on the tensor the layer received (shared by q/k/v)
     device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # meta has none
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         if autocast:  # what autocast would do to the base matmul, done once
             dt = torch.get_autocast_dtype(device)

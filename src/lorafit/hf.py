@@ -185,9 +185,18 @@ def label_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A collated batch with its label positions (``label_positions``, found on the host), on ``device``: one copy
-    per tensor, from pinned memory and without waiting on CUDA; the CPU keeps the batch as it is."""
+    per tensor, from pinned memory and without waiting on CUDA; the CPU keeps the batch as it is.
+
+    A causal LM's batch padded on the right only (``collate``'s) goes without its attention mask: each position
+    attends to itself and earlier ones, which are all real tokens, so every labelled position's logits are the same
+    (bit for bit on the CPU's sdpa, measured), while transformers, given a mask, reads it back every forward to see
+    whether it pads.
+    """
     if "label_cols" not in batch:
         batch = {**batch, **label_positions(batch["labels"])}
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.device.type == "cpu" and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right only
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     device = torch.device(device)
     if device.type == "cpu":
         return batch
@@ -203,7 +212,7 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     if "label_cols" not in batch:
         batch = {**batch, **label_positions(batch["labels"])}
     cols = batch["label_cols"]
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     if _accepts_logits_to_keep(unwrap(model)):
         logits = model(**kwargs, logits_to_keep=cols).logits  # (B, K, V)
     else:

@@ -86,6 +86,7 @@ class Routing:
         self._slots: dict = {}  # (layer's adapter names, rows) -> (rows,) slot index per row
         self._stacked: dict = {}  # id(layer) -> (its stacks, slots, the decode schedule's tensors)
         self._layers: dict = {}  # id(layer) -> [layer, its stacks, {rows: slots}]: read once per context
+        self._host: dict = {}  # id(slot tensor) -> its slots as a list (the slot tensors live in _slots)
 
     def layer_state(self, layer: LoraLayer, rows: int, device: torch.device) -> tuple[dict, Tensor]:
         """The layer's stacks and the batch's slots, looked up once per context (the factors are read when a context
@@ -106,9 +107,14 @@ class Routing:
                 raise AdapterError(f"lorafit.per_row was given {n} names but the batch has {rows} rows; pass one "
                                    "name (or None) per row")
             index = {a: j for j, a in enumerate(layer_names)}
-            slot = torch.tensor([index.get(a, len(layer_names)) for a in self.names], device=device)
-            self._slots[key] = slot.repeat_interleave(rows // n)  # generate repeats each row k times in place
+            host = [index.get(a, len(layer_names)) for a in self.names for _ in range(rows // n)]  # generate
+            slot = self._slots[key] = torch.tensor(host, device=device)  # repeats each row k times in place
+            self._host[id(slot)] = host  # the same slots on the host: nothing is read back from the device
         return self._slots[key]
+
+    def host_slots(self, slot: Tensor) -> list[int]:
+        """The host's copy of a slot tensor made by ``slots``."""
+        return self._host[id(slot)]
 
     def stacked(self, layer: LoraLayer, st: dict, slot: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """The decode schedule's (A_cat (u·r, in), B_cat (out, u·r), keep (rows, 1, u·r)) over the u adapters this
@@ -119,7 +125,8 @@ class Routing:
         if entry is not None and entry[0] is st and entry[1] is slot:
             return entry[2]
         n, r = len(st["names"]), st["r"]
-        used = sorted(set(slot.tolist()) - {n})
+        host = self.host_slots(slot)
+        used = sorted(set(host) - {n})
         if len(used) == n:  # every adapter: concatenated once per layer, kept with its stacks across contexts
             if "cat" not in st:
                 st["cat"] = _concatenated(st["A"][:n], st["B"][:n])
@@ -128,7 +135,7 @@ class Routing:
             idx = torch.tensor(used, dtype=torch.long, device=slot.device)
             A_cat, B_cat = _concatenated(st["A"][idx], st["B"][idx])
         pos = {j: i for i, j in enumerate(used)}
-        local = torch.tensor([pos.get(j, len(used)) for j in slot.tolist()], device=slot.device)
+        local = torch.tensor([pos.get(j, len(used)) for j in host], device=slot.device)
         keep = F.one_hot(local, len(used) + 1)[:, :len(used)].to(dtype).repeat_interleave(r, dim=1).unsqueeze(1)
         self._stacked[id(layer)] = (st, slot, (A_cat, B_cat, keep))
         return A_cat, B_cat, keep
@@ -139,7 +146,7 @@ class Routing:
         rows = x.shape[0]
         st, slot = self.layer_state(layer, rows, x.device)
         if layer.kind == "conv":
-            return _conv_rows(layer, x, st, slot)
+            return _conv_rows(layer, x, st, slot, self.host_slots(slot))
         f = st["f"]
         out = layer.base_forward(x, layer.bias if f is None else None)  # (rows, ..., out): the base, once
         shape, o3 = out.shape, out.reshape(rows, -1, out.shape[-1])  # (rows, T, out)
@@ -172,13 +179,13 @@ class Routing:
         return o3.view(shape)
 
 
-def _conv_rows(layer: LoraLayer, x: Tensor, st: dict, slot: Tensor) -> Tensor:
-    """Convolutions: the base once, then each adapter in the batch on its own rows."""
+def _conv_rows(layer: LoraLayer, x: Tensor, st: dict, slot: Tensor, host: list[int]) -> Tensor:
+    """Convolutions: the base once, then each adapter in the batch on its own rows (found from the host's slots)."""
     out = layer.base_forward(x, layer.bias)
-    for j in slot.unique().tolist():
+    for j in sorted(set(host)):
         if j == len(st["names"]):
             continue
-        rows = (slot == j).nonzero().squeeze(1)
+        rows = torch.tensor([i for i, k in enumerate(host) if k == j], device=slot.device)
         ad = layer.adapters[st["names"][j]]
         sub = out[rows]
         if ad.use_dora:

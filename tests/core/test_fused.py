@@ -219,8 +219,12 @@ def test_trainable_weight_gets_its_gradient(path, mode):
     close_to_scale(got["weight"], want["weight"], rtol=RTOL)  # relative to the gradient's largest |value|
 
 
+@pytest.mark.parametrize("lookup", [("cpu",), ()], ids=["host-lookup", "static-size"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained-weight", "frozen-weight"])
-def test_zero_magnitude_rows_get_their_gradient(path, frozen):
+def test_zero_magnitude_rows_get_their_gradient(path, frozen, lookup, monkeypatch):
+    """On the CPU the zero rows are looked up; on an accelerator (``static-size``, forced here) the first
+    fused.ZERO_ROWS of them are taken without reading the device."""
+    monkeypatch.setattr(fused, "HOST_LOOKUP", lookup)
     layer = make_layer("linear", "dora", 0.1, True)
     layer.weight.requires_grad_(not frozen)  # frozen: x ⊙ keep would be saved in place of x, but these rows need x
     with torch.no_grad():
@@ -232,6 +236,24 @@ def test_zero_magnitude_rows_get_their_gradient(path, frozen):
     got = layer_run(layer, x)[2]["lora_magnitude"]
     assert want[1].abs() > 0
     close_to_scale(got, want, rtol=RTOL)  # relative to the largest magnitude gradient
+
+
+def test_more_zero_magnitude_rows_than_an_accelerator_recomputes_give_a_non_finite_gradient(path, monkeypatch):
+    """Beyond fused.ZERO_ROWS zero rows, the static-size path leaves 0/0 in the magnitude gradient: a non-finite
+    gradient, which stops a run (train.steps), never a silently wrong one. The first ZERO_ROWS rows are right."""
+    monkeypatch.setattr(fused, "HOST_LOOKUP", ())
+    layer = make_layer("linear", "dora", 0.0, True)
+    rows = list(range(2, 2 + fused.ZERO_ROWS + 2))
+    with torch.no_grad():
+        layer.lora_magnitude[rows] = 0.0
+    x = torch.randn(6, 40)
+    path(False)
+    want = layer_run(layer, x)[2]["lora_magnitude"]
+    path(True)
+    got = layer_run(layer, x)[2]["lora_magnitude"]
+    first = rows[:fused.ZERO_ROWS]
+    close_to_scale(got[first], want[first], rtol=RTOL)
+    assert not got[rows[fused.ZERO_ROWS:]].isfinite().any()
 
 
 def test_eval_mode_uses_the_reference_path(path):

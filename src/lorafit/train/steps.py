@@ -37,16 +37,19 @@ class StepNumbers:
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` takes a ``found_inf`` flag and skips its update on the device (torch's fused Adam)."""
-    return bool(optimizer.defaults.get("fused"))
+    return optimizer.defaults.get("fused") is True
 
 
-def _micro_batches(state, batches) -> list[dict]:
+def _micro_batches(state, batches) -> tuple[list[dict], int]:
+    """This rank's ``grad_accum`` collated micro-batches (on the host), and their labelled tokens, counted from the
+    examples' label lists (position t predicts token t+1, so the first label never counts)."""
     cfg, d = state.cfg, state.d
-    micro = []
+    micro, tokens = [], 0
     for _ in range(cfg.grad_accum):
-        idx = next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
-        micro.append(collate([state.train_set[i] for i in idx], state.tok.pad_token_id))
-    return micro
+        rows = [state.train_set[i] for i in next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]]
+        micro.append(collate(rows, state.tok.pad_token_id))
+        tokens += sum(label != IGNORE for row in rows for label in row["labels"][1:])
+    return micro, tokens
 
 
 def train_step(state, batches, step: int) -> StepNumbers:
@@ -54,8 +57,7 @@ def train_step(state, batches, step: int) -> StepNumbers:
     global batch. Nothing is read back from the device; a non-finite loss or gradient sets ``state.bad``, which
     skips this update and every later one until ``read_steps`` stops the run."""
     cfg, d, device = state.cfg, state.d, state.device
-    micro = _micro_batches(state, batches)
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)  # counted on the host, pre-copy
+    micro, local_tokens = _micro_batches(state, batches)
     tokens = D.all_sum_tensor(torch.tensor(float(local_tokens), device=device), d)
     scale = d.world / tokens.clamp_min(1.0)  # the step's loss is the mean over all its tokens; DDP averages ranks
     loss = torch.zeros((), device=device)
