@@ -35,12 +35,32 @@ def load_optimizer_state(model, optimizer, state: dict, strategy: str) -> None:
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_checkpoint(out: Path, step: int, model, *, optim_state: dict, scheduler, d=None) -> Path:
-    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0."""
+def device_rng_state(device: torch.device) -> Optional[torch.Tensor]:
+    """The random state of ``device``'s own generator (CUDA, MPS), or None for the CPU's (saved as torch_rng)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device: torch.device, rng: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(rng, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(rng)
+
+
+def save_checkpoint(out: Path, step: int, model, *, optim_state: dict, scheduler, d=None,
+                    device: Optional[torch.device] = None) -> Path:
+    """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0: the step,
+    optimizer and scheduler, and the random states of Python, the CPU and ``device``'s generator."""
     from .distributed import barrier
 
+    device = torch.device(device or "cpu")
     state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "device_type": device.type,
+             "device_rng": device_rng_state(device)}
     tensors, config = peft_format.adapter_state_dict(model), peft_format.adapter_config_dict(model)
     path = out / f"checkpoint-{step}"
     if d is not None and not d.main:

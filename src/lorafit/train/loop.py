@@ -54,6 +54,7 @@ from .checkpoint import (
     optimizer_state,
     read_metrics,
     save_checkpoint,
+    set_device_rng_state,
 )
 from .data import Task, batch_indices, collate, file_task, pack, tokenize_all
 from .steps import read_steps, skips_on_device, train_step
@@ -351,11 +352,13 @@ def restore(state: RunState) -> None:
     import yaml
 
     if state.ckpt is not None:
-        saved = torch.load(state.ckpt / "trainer_state.pt", weights_only=False)
+        # onto the CPU: RNG states are CPU tensors, and the optimizer moves its state to the parameters' device
+        saved = torch.load(state.ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         load_optimizer_state(state.model, state.optimizer, saved["optimizer"], state.strategy)
         state.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         random.setstate(saved["python_rng"])
+        restore_device_rng(state, saved)
         state.start = saved["step"]
         state.say(f"resuming {state.out} from {state.ckpt.name}")
     start = state.start
@@ -369,6 +372,18 @@ def restore(state: RunState) -> None:
               f"({100 * n_train / n_total:.3f}%) | {len(state.train_set)} train / {len(state.task.eval)} eval "
               f"examples{_cut_note(state.counts)} | {state.steps} steps"
               + (f" | {state.d.world} processes, {state.strategy}" if state.d.enabled else ""))
+
+
+def restore_device_rng(state: RunState, saved: dict) -> None:
+    """The device generator's state, where the checkpoint was written on the same kind of device; from another kind
+    (a CUDA checkpoint resumed on the CPU) the run goes on, with a warning: its dropout masks are drawn differently
+    there, so the rest of the run is not the one an uninterrupted run would have been."""
+    written_on = saved.get("device_type", "cpu")
+    if written_on != state.device.type:
+        state.say(f"warning: {state.ckpt.name} was written on {written_on} and resumes on {state.device.type}: "
+                  "dropout masks differ between device types, so the run goes on, but not bit for bit")
+    elif saved.get("device_rng") is not None:
+        set_device_rng_state(state.device, saved["device_rng"])
 
 
 def fit(state: RunState) -> dict:
@@ -404,7 +419,7 @@ def fit(state: RunState) -> dict:
         if saving:
             optim_state = optimizer_state(state.model, state.optimizer, state.strategy)
             state.ckpt = save_checkpoint(state.out, step, state.core, optim_state=optim_state,
-                                         scheduler=state.scheduler, d=state.d)
+                                         scheduler=state.scheduler, d=state.d, device=state.device)
     bar.close()
     return before
 
