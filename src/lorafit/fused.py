@@ -104,6 +104,8 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
     0/1 times the bit pattern of 1.0, written into the mask's int16 view. The same integer arithmetic on every device
     and CPU kernel, so the same mask.
     """
+    if torch.device(device).type not in SPLITMIX_DEVICES:
+        return _device_keep_bits(seed, shape, p, torch.device(device), dtype)
     n = math.prod(shape)
     keep = torch.empty(shape, dtype=dtype, device=device)
     if dtype == torch.bool:
@@ -125,6 +127,23 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
         else:
             torch.mul(c, one, out=flat[4 * w:4 * w + k])  # ... or made 0.0 / 1.0 (11 µs)
     return keep
+
+
+SPLITMIX_DEVICES = ("cpu", "meta")  # where masks come from the SplitMix64 chunk loop; elsewhere one device kernel
+_generators: dict = {}  # device -> a generator of that device, re-seeded for every mask
+
+
+def _device_keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
+                      dtype: torch.dtype) -> Tensor:
+    """``keep_bits`` on an accelerator: one Bernoulli kernel from the device's own generator, seeded with ``seed``
+    (host-side, no sync), so the mask is still a pure function of (seed, shape, p) on that device, and a resumed
+    run (whose seeds come from the checkpointed CPU generator) draws the same masks. A chunked integer loop would be
+    one launch per 2¹⁶ words on a GPU; the masks differ from the CPU's."""
+    g = _generators.get(device)
+    if g is None:
+        g = _generators[device] = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - quantised_p(p), generator=g)
 
 
 def mask_dtype(dtype: torch.dtype) -> torch.dtype:

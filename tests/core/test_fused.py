@@ -207,6 +207,36 @@ def test_layer_matches_reference(path, kind, bias, mode, dropout):
         assert max_diff(layer_run(layer, x, rng_seed=6)[0], got[0]) > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.bfloat16, torch.float16])
+def test_accelerator_masks_come_from_a_seeded_device_generator(monkeypatch, dtype):
+    """Off the CPU a mask is one Bernoulli kernel of the device's own generator, seeded per mask (forced here on the
+    CPU's generator): still a pure function of (seed, shape, p), 0/1 in the mask's dtype, kept at rate 1 - p."""
+    monkeypatch.setattr(fused, "SPLITMIX_DEVICES", ("meta",))
+    cpu = torch.device("cpu")
+    a = fused.keep_bits(11, (300, 400), 0.1, cpu, dtype=dtype)
+    assert a.dtype == dtype and torch.equal(a, fused.keep_bits(11, (300, 400), 0.1, cpu, dtype=dtype))
+    assert not torch.equal(a, fused.keep_bits(12, (300, 400), 0.1, cpu, dtype=dtype))
+    assert set(a.float().unique().tolist()) == {0.0, 1.0}
+    n, kept = a.numel(), a.float().mean().item()
+    assert abs(kept - 0.9) < 5 * (0.9 * 0.1 / n) ** 0.5  # within 5 standard errors of 1 - p
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+def test_the_layer_with_accelerator_masks_matches_reference(path, monkeypatch, mode):
+    """The fused layer and the reference path draw the same device-generator masks (forward, and backward's
+    reuse of forward's mask)."""
+    monkeypatch.setattr(fused, "SPLITMIX_DEVICES", ("meta",))
+    layer = make_layer("linear", mode, 0.2, True)
+    x = torch.randn(3, 7, 40)
+    path(False)
+    want = layer_run(layer, x)
+    path(True)
+    got = layer_run(layer, x)
+    close_to_scale(got[0], want[0], rtol=RTOL, msg="output")
+    close_to_scale(got[1], want[1], rtol=RTOL, msg="x.grad")
+    close_to_scale(got[2], want[2], rtol=RTOL, msg="grad")
+
+
 @pytest.mark.parametrize("mode", ["lora", "dora"])
 def test_trainable_weight_gets_its_gradient(path, mode):
     layer = make_layer("linear_t", mode, 0.1, True)
