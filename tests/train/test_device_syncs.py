@@ -90,8 +90,9 @@ def files(tmp_path_factory):
     return make_model_dir(d / "m"), make_data(d / "d.jsonl", n=48)
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "float16"])
 def test_a_step_reads_only_host_tensors_and_the_loop_reads_once_per_interval(files, tmp_path, monkeypatch, variant):
+    """float16: a float16 base, trained with torch.amp.GradScaler, which hands fused AdamW its found_inf."""
     model_dir, data = files
     monkeypatch.setattr(fused, "HOST_LOOKUP", ())  # DoRA as on an accelerator: no lookup of zero magnitudes
     step_reads, interval_reads = [], []
@@ -100,7 +101,7 @@ def test_a_step_reads_only_host_tensors_and_the_loop_reads_once_per_interval(fil
     lora = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, use_rslora=variant == "rslora",
                 use_dora=variant == "dora")
     cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "run"), steps=20, log_every=10,
-                      batch_size=4, max_length=48, lora=lora)
+                      batch_size=4, max_length=48, lora=lora, dtype="float16" if variant == "float16" else "float32")
     loop.run(cfg, quiet=True)
 
     assert len(step_reads) == 20 and len(interval_reads) == 2  # steps 10 and 20

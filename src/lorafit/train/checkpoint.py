@@ -52,15 +52,17 @@ def set_device_rng_state(device: torch.device, rng: torch.Tensor) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, *, optim_state: dict, scheduler, d=None,
-                    device: Optional[torch.device] = None) -> Path:
+                    device: Optional[torch.device] = None, grad_scaler=None) -> Path:
     """checkpoint-<step>/ with the adapter and everything resume needs, written atomically by rank 0: the step,
-    optimizer and scheduler, and the random states of Python, the CPU and ``device``'s generator."""
+    optimizer, scheduler and (float16) gradient scaler, and the random states of Python, the CPU and ``device``'s
+    generator."""
     from .distributed import barrier
 
     device = torch.device(device or "cpu")
     state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "device_type": device.type,
-             "device_rng": device_rng_state(device)}
+             "device_rng": device_rng_state(device),
+             "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict()}
     tensors, config = peft_format.adapter_state_dict(model), peft_format.adapter_config_dict(model)
     path = out / f"checkpoint-{step}"
     if d is not None and not d.main:

@@ -187,6 +187,7 @@ class RunState:
     device: torch.device = torch.device("cpu")  # where the model and every batch are
     bad: Optional[torch.Tensor] = None  # () on the device: a loss or gradient was non-finite (``steps``)
     read_every: int = 1  # steps between reads of the device (``steps.read_steps``)
+    scaler: Any = None  # float16's torch.amp.GradScaler
 
     def log(self, record: dict) -> None:
         if self.d.main:
@@ -284,6 +285,9 @@ def prepare(state: RunState, *, resume: bool) -> None:
     state.optimizer = adamw(state.params, cfg.lr, cfg.weight_decay, fused=state.strategy != "fsdp")
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lr_lambda(cfg, state.steps))
     state.bad = torch.zeros((), dtype=torch.bool, device=state.device)
+    if cfg.dtype == "float16":  # its gradients underflow without a scaled loss (Micikevicius et al., 2018)
+        state.scaler = torch.amp.GradScaler(state.device.type)
+        state.say("dtype float16: with a gradient scaler (torch.amp.GradScaler), which skips the steps that overflow")
     state.read_every = cfg.log_every if skips_on_device(state.optimizer) else 1
 
 
@@ -359,6 +363,8 @@ def restore(state: RunState) -> None:
         torch.set_rng_state(saved["torch_rng"])
         random.setstate(saved["python_rng"])
         restore_device_rng(state, saved)
+        if state.scaler is not None and saved.get("grad_scaler"):
+            state.scaler.load_state_dict(saved["grad_scaler"])
         state.start = saved["step"]
         state.say(f"resuming {state.out} from {state.ckpt.name}")
     start = state.start
@@ -419,7 +425,8 @@ def fit(state: RunState) -> dict:
         if saving:
             optim_state = optimizer_state(state.model, state.optimizer, state.strategy)
             state.ckpt = save_checkpoint(state.out, step, state.core, optim_state=optim_state,
-                                         scheduler=state.scheduler, d=state.d, device=state.device)
+                                         scheduler=state.scheduler, d=state.d, device=state.device,
+                                         grad_scaler=state.scaler)
     bar.close()
     return before
 

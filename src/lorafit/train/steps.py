@@ -56,7 +56,7 @@ def train_step(state, batches, step: int) -> StepNumbers:
     """One optimizer step over ``grad_accum`` micro-batches: the loss is the mean over every labelled token of the
     global batch. Nothing is read back from the device; a non-finite loss or gradient sets ``state.bad``, which
     skips this update and every later one until ``read_steps`` stops the run."""
-    cfg, d, device = state.cfg, state.d, state.device
+    cfg, d, device, scaler = state.cfg, state.d, state.device, getattr(state, "scaler", None)
     micro, local_tokens = _micro_batches(state, batches)
     tokens = D.all_sum_tensor(torch.tensor(float(local_tokens), device=device), d)
     scale = d.world / tokens.clamp_min(1.0)  # the step's loss is the mean over all its tokens; DDP averages ranks
@@ -65,9 +65,21 @@ def train_step(state, batches, step: int) -> StepNumbers:
         sync = k == len(micro) - 1 or state.strategy != "ddp"
         with (contextlib.nullcontext() if sync else state.model.no_sync()):
             loss_sum = token_loss_sum(state.model, to_device(batch, device))
-            (loss_sum * scale).backward()
+            mean = loss_sum * scale
+            (mean if scaler is None else scaler.scale(mean)).backward()
         loss += loss_sum.detach().float()
+    if scaler is not None:
+        scaler.unscale_(state.optimizer)  # the true gradients, for clipping; inf ones recorded for scaler.step
     norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduced over the ranks into a plain tensor, on the device
+        norm = norm.full_tensor()
+    if scaler is not None:  # float16: an overflowing step is the scaler's to skip (and lower the scale), not a stop
+        state.bad |= ~torch.isfinite(loss)
+        scaler.step(state.optimizer)  # fused AdamW takes the scaler's found_inf: no host read
+        scaler.update()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        return StepNumbers(step, state.scheduler.get_last_lr()[0], time.time() - state.t0, loss, tokens, norm)
     state.bad |= ~torch.isfinite(loss) | ~torch.isfinite(norm)
     if skips_on_device(state.optimizer):
         state.optimizer.found_inf = state.bad.float()  # the fused kernel skips the update where it is 1
@@ -93,8 +105,10 @@ def read_steps(state, pending: list[StepNumbers]) -> list[dict]:
     for p, loss_sum, tokens, norm in zip(pending, *rows):
         if not math.isfinite(loss_sum):
             raise state.stopping(f"loss became {loss_sum}", p.step, before_update=True)
-        if not math.isfinite(norm):
+        skipped = not math.isfinite(norm) and getattr(state, "scaler", None) is not None  # float16 overflow
+        if not math.isfinite(norm) and not skipped:
             raise state.stopping("gradients became non-finite", p.step, before_update=True)
-        records.append({"step": p.step, "loss": loss_sum / max(tokens, 1.0), "lr": p.lr, "grad_norm": norm,
-                        "elapsed": round(p.elapsed, 2)})
+        records.append({"step": p.step, "loss": loss_sum / max(tokens, 1.0), "lr": p.lr,
+                        "grad_norm": None if skipped else norm, "elapsed": round(p.elapsed, 2),
+                        **({"skipped": "float16 overflow: the scaler lowered its scale"} if skipped else {})})
     return records
