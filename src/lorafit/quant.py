@@ -70,6 +70,16 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+DEVICES = ("cpu", "cuda")  # where torchao's NF4 and int8 weight-only tensors have kernels
+
+
+def check_device(fmt: str, device: torch.device) -> None:
+    """ConfigError, before any work, when ``fmt`` cannot run on ``device`` (torchao has no MPS kernels for it)."""
+    if torch.device(device).type not in DEVICES:
+        raise ConfigError(f"--quantize {fmt} on {device}: torchao's {fmt} weights run on the CPU and CUDA only; use "
+                          f"--device cpu or cuda, or drop --quantize to train on {device} in bfloat16 or float32")
+
+
 def scaler_block(n_blocks: int) -> int:
     """The largest divisor of ``n_blocks`` up to NF4_SCALER_BLOCK (torchao needs whole double-quantization blocks)."""
     return max(d for d in range(1, min(NF4_SCALER_BLOCK, n_blocks) + 1) if n_blocks % d == 0)

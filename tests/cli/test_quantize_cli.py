@@ -172,3 +172,18 @@ def test_quantize_with_fsdp_under_torchrun_is_refused_before_any_work(files, tmp
     assert "--quantize nf4 with --strategy fsdp under torchrun (WORLD_SIZE=2) is not supported: use --strategy ddp" \
         in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_quantize_on_a_device_torchao_has_no_kernels_for_exits_2_before_any_work(files, tmp_path, capsys,
+                                                                               monkeypatch, fmt):
+    from lorafit import devices
+
+    monkeypatch.setattr(devices, "mps_available", lambda: True)  # as on a Mac
+    model, _, data = files
+    out = tmp_path / "run"
+    code, _, err = train(capsys, model, data, out, "--quantize", fmt, "--device", "mps")
+    assert code == 2 and err.strip().splitlines() == [
+        f"lorafit: error: --quantize {fmt} on mps: torchao's {fmt} weights run on the CPU and CUDA only; use "
+        "--device cpu or cuda, or drop --quantize to train on mps in bfloat16 or float32"]
+    assert not out.exists()

@@ -45,6 +45,7 @@ from ..hf import (
     use_chat_template,
 )
 from ..model import adapter_parameter_names, attach, trainable_parameters
+from ..quant import check_device
 from ..targets import output_layer_names, select_targets
 from . import distributed as D
 from .checkpoint import (
@@ -222,6 +223,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     torchrun, every rank trains its share of each global batch and rank 0 writes the files.
     """
     device, why = resolve_device(cfg.device)  # an absent device fails here, before any work
+    if cfg.quantize:
+        check_device(cfg.quantize, device)
     d = D.init_distributed(cfg.dist_timeout, device)
     summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why)
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
