@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .devices import resolve_device
 from .errors import AdapterError, ConfigError, DataError
 from .hf import DTYPES, check_model_dir, load_model, use_chat_template
 from .model import disabled
@@ -67,23 +68,25 @@ def _is_real(v) -> bool:
 
 def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = None, *, dtype: str = "float32",
                        chat_template: str | Path | None = None,
-                       device: str | None = None) -> tuple[nn.Module, object]:
+                       device: torch.device | str | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a local transformers folder, with the adapter at ``adapter_dir`` attached (any
-    PEFT-format folder, the root of a ``lorafit train`` output included), in eval mode on ``device`` (default:
-    CUDA when available, else the CPU). ``chat_template``: a Jinja file replacing (or supplying) the tokenizer's
+    PEFT-format folder, the root of a ``lorafit train`` output included), in eval mode on ``device`` (auto, cpu,
+    cuda, cuda:N or mps, as ``devices.resolve_device`` takes them; default: auto), where the weights are read
+    straight to and the adapter is made. ``chat_template``: a Jinja file replacing (or supplying) the tokenizer's
     template, as ``lorafit train --chat-template`` takes it.
 
-    The adapter's files are checked before the (slow) model load. An adapter made for another model is refused
-    with one AdapterError naming the adapter's base (``base_model_name_or_path``), the model folder and the first
-    key or shape that does not fit.
+    An absent device is a ConfigError before anything is read; the adapter's files are checked before the (slow)
+    model load. An adapter made for another model is refused with one AdapterError naming the adapter's base
+    (``base_model_name_or_path``), the model folder and the first key or shape that does not fit.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    device, _ = resolve_device(None if device is None else str(device))
     model_dir = check_model_dir(model_dir)
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)
         read_adapter(adapter_dir)  # a broken adapter fails before the model load
-    model, tok = load_model(model_dir, dtype)
+    model, tok = load_model(model_dir, dtype, device=device)
     if chat_template is not None:
         use_chat_template(tok, chat_template)
     if adapter_dir is not None:
@@ -91,8 +94,7 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
             load(model, adapter_dir, name="default")  # the folder's own adapter, not its subfolders
         except AdapterError as e:
             raise AdapterError(_mismatch(str(e), adapter_dir, model_dir)) from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tok
+    return model.eval(), tok  # the adapter's tensors are made on its base weights' device
 
 
 def _mismatch(message: str, adapter_dir: Path, model_dir: Path) -> str:

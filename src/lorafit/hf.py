@@ -235,9 +235,12 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str | Path, *,
-                     quantized: str | None = None, dtype: str = "bfloat16") -> Path:
-    """Load the base, attach the adapter (checked first), merge in float32, and save_pretrained (safetensors)
-    into a new folder, written beside the target and renamed at the end.
+                     quantized: str | None = None, dtype: str = "bfloat16",
+                     device: torch.device | str | None = None) -> Path:
+    """Load the base straight onto ``device`` (``devices.resolve_device``'s names; default: auto) in its checkpoint's
+    dtype, attach the adapter (checked first), merge there (float32 math, rounded once into the base's dtype), and
+    save_pretrained (safetensors, which copies device tensors to the host itself) into a new folder, written beside
+    the target and renamed at the end. An absent device is a ConfigError before anything is read or written.
 
     ``quantized`` ("nf4", "int8"): the adapter was trained over a quantized base (QLoRA), so it is folded into the
     weights it was trained against, W = dequantize(quantize(W0)) + s·B·A (PEFT issues #1080, #2105): the base is
@@ -246,9 +249,12 @@ def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .devices import resolve_device
     from .model import merge
     from .peft_format import load, read_adapter
 
+    device, _ = resolve_device(None if device is None else str(device))
+    on_device = {} if device.type == "cpu" else {"device_map": str(device)}
     output = Path(output)
     if output.exists():
         raise DataError(f"output folder {output} already exists; choose a new folder for the merged model")
@@ -258,12 +264,12 @@ def merge_checkpoint(model_dir: str | Path, adapter_dir: str | Path, output: str
         from .quant import check_format, dequantize, quantize
 
         check_format(quantized)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], **on_device)
         quantize(model, quantized)
         dequantize(model)
         model.float()
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **on_device)
     merge(load(model, adapter_dir, name="default"))  # the folder's own adapter, not its subfolders
     with writing_dir(output, name_errors=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

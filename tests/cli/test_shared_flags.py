@@ -12,11 +12,12 @@ import pytest
 from lorafit.cli import build_parser
 from lorafit.cli.common import MAX_NEW_TOKENS_HELP
 from lorafit.cli.train import run_settings, train_settings
-from lorafit.train.train_config import MAX_LENGTH_HELP, MODEL_HELP, OUTPUT_HELP
+from lorafit.train.train_config import DEVICE_HELP, MAX_LENGTH_HELP, MODEL_HELP, OUTPUT_HELP
 
 CLI = Path(__file__).resolve().parents[2] / "src" / "lorafit" / "cli"
 STEMS = {"--model": MODEL_HELP, "--output": OUTPUT_HELP, "--max-length": MAX_LENGTH_HELP,
-         "--max-new-tokens": MAX_NEW_TOKENS_HELP}  # --device joins here when it lands
+         "--max-new-tokens": MAX_NEW_TOKENS_HELP, "--device": DEVICE_HELP}
+METAVARS = {"--model": "DIR", "--output": "PATH", "--device": "DEVICE"}  # the others': N
 
 
 def literal_add_arguments() -> dict[str, list[str]]:
@@ -52,13 +53,21 @@ def test_every_command_taking_a_shared_flag_starts_its_help_with_the_one_stem(fl
         help_ = action.help or ""
         assert help_ == STEMS[flag] or help_.startswith((STEMS[flag] + ": ", STEMS[flag] + " (default: ")), \
             f"lorafit {name} {flag}: {help_!r} does not start with {STEMS[flag]!r}"
-        assert action.metavar == {"--model": "DIR", "--output": "PATH"}.get(flag, "N"), (name, flag)
+        assert action.metavar == METAVARS.get(flag, "N"), (name, flag)
 
 
 def test_the_walk_finds_every_command_that_takes_model():
     takers = {name for name, p in commands().items() for a in p._actions if "--model" in a.option_strings}
     assert takers == {"train", "data", "eval", "plan", "merge", "generate", "chat", "suggest", "probe", "sweep",
                       "tune", "export", "check"}
+
+
+def test_the_walk_finds_every_command_that_takes_device():
+    """eval, generate, chat and merge build it in cli.common; train, sweep and tune generate it from TrainConfig."""
+    takers = {name: a for name, p in commands().items() for a in p._actions if "--device" in a.option_strings}
+    assert set(takers) == {"train", "sweep", "tune", "eval", "generate", "chat", "merge"}
+    assert {name: a.default for name, a in takers.items() if name not in ("train", "sweep", "tune")} == \
+        dict.fromkeys(("eval", "generate", "chat", "merge"), "auto")  # train's is unset: its config may name one
 
 
 def test_max_new_tokens_refuses_zero_everywhere(capsys):

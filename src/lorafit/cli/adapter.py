@@ -7,12 +7,22 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import ConfigError
 from ..hf import DTYPES
 from ..lora_config import LoraConfig
 from ..quant import FORMATS
 from ..train.train_config import TrainConfig, default_lora
-from .common import add_max_length_flag, add_model_flag, add_output_flag, positive_int, read_yaml, target_modules_arg
+from .common import (
+    add_device_flag,
+    add_max_length_flag,
+    add_model_flag,
+    add_output_flag,
+    device_line,
+    positive_int,
+    read_yaml,
+    target_modules_arg,
+)
 from .train import require_quant
 
 
@@ -63,12 +73,14 @@ def merge_base(adapter: str, quantized: str | None) -> tuple[str | None, str, st
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..hf import merge_checkpoint
 
+    device, device_why = resolve_device(args.device)  # an absent device: exit 2 before any work
     fmt, dtype, why = merge_base(args.adapter, args.quantized)
     require_quant("merge", fmt)
+    print(device_line(device, why=device_why))  # the base's own dtype, unless quantized (the next line says)
     if fmt:
         print(f"merging into the dequantized {fmt} base the adapter was trained against ({why}; {fmt} made from "
               f"{dtype} weights), in float32; the checkpoint is float32")
-    merge_checkpoint(args.model, args.adapter, args.output, quantized=fmt, dtype=dtype)
+    merge_checkpoint(args.model, args.adapter, args.output, quantized=fmt, dtype=dtype, device=device)
     print(f"merged checkpoint written to {args.output}")
     return 0
 
@@ -108,6 +120,7 @@ def add_merge_parser(sub) -> None:
     add_output_flag(p, "a new folder for the merged checkpoint (must not exist)", required=True)
     p.add_argument("--quantized", choices=FORMATS, help="the adapter was trained over an nf4/int8 base (QLoRA): merge "
                    "into that base, dequantized (default: what the run's config.yaml says, else no)")
+    add_device_flag(p, "the base is loaded and the adapter merged there")
     p.set_defaults(func=cmd_merge, needs=("transformers", "yaml"))
 
 

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from ..devices import device_label
 from ..errors import ConfigError, MissingExtraError
-from ..train.train_config import MAX_LENGTH_HELP, MODEL_HELP, OUTPUT_HELP, TrainConfig
+from ..train.train_config import DEVICE_HELP, MAX_LENGTH_HELP, MODEL_HELP, OUTPUT_HELP, TrainConfig
 
 REGEX_CHARS = set("*|()[]\\^$+?{}")
 
@@ -67,13 +68,14 @@ non_negative_int = int_at_least(0)
 
 # --- the flags many commands take ------------------------------------------------------------------------
 # Each is added here and only here (tests/cli/test_shared_flags.py checks): one function per flag, whose help is the
-# flag's one stem, the command's clause after ": ", and its default. `lorafit train`'s --model, --output and
-# --max-length (and probe's, sweep's and tune's --model and --max-length) come from TrainConfig's fields, whose help
-# starts with the same stems. A new shared flag (--device) is one more stem and one more function like these.
+# flag's one stem, the command's clause after ": ", and its default. `lorafit train`'s --model, --output,
+# --max-length and --device (and probe's, sweep's and tune's --model and --max-length, sweep's and tune's --device)
+# come from TrainConfig's fields, whose help starts with the same stems.
 
 EMBEDDED_MODEL = "the embedded SmolLM2-135M-Instruct"
 MAX_NEW_TOKENS_HELP = "most new tokens per answer"
-METAVARS = {"--model": "DIR", "--output": "PATH", "--max-length": "N", "--max-new-tokens": "N"}  # train's too
+METAVARS = {"--model": "DIR", "--output": "PATH", "--max-length": "N", "--max-new-tokens": "N",
+            "--device": "DEVICE"}  # train's too
 
 
 def shared_help(stem: str, clause: Optional[str] = None, default: Optional[str] = None) -> str:
@@ -108,6 +110,18 @@ def add_max_new_tokens_flag(p: argparse.ArgumentParser, clause: Optional[str] = 
     """--max-new-tokens N: where a generated answer ends at the latest."""
     p.add_argument("--max-new-tokens", type=positive_int, default=default, metavar=METAVARS["--max-new-tokens"],
                    help=shared_help(MAX_NEW_TOKENS_HELP, clause, str(default)))
+
+
+def add_device_flag(p: argparse.ArgumentParser, clause: Optional[str] = None) -> None:
+    """--device DEVICE, resolved by the command (``resolve_device``) before any work: an absent or unknown device is
+    one ConfigError line, exit 2, not argparse's usage text."""
+    p.add_argument("--device", default="auto", metavar=METAVARS["--device"],
+                   help=shared_help(DEVICE_HELP, clause, "auto"))
+
+
+def device_line(device, dtype=None, why: str = "") -> str:
+    """A command's first line, as `lorafit train`'s: ``device: cuda:0 (NVIDIA H100 80GB HBM3, float32) (asked)``."""
+    return f"device: {device_label(device, dtype)}" + (f" ({why})" if why else "")
 
 
 def _yaml_loader():

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from ..devices import resolve_device
+from ..hf import DTYPES
 from .common import (
     EMBEDDED_MODEL,
+    add_device_flag,
     add_max_length_flag,
     add_max_new_tokens_flag,
     add_model_flag,
+    device_line,
     positive_int,
     require_demo,
 )
@@ -49,8 +54,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..train.data import read_examples
     from ..train.evaluate import eval_examples
 
+    device, why = resolve_device(args.device)  # an absent device: exit 2 before any work
     examples = read_examples(args.data)
-    model, tok = load_for_inference(args.model, args.adapter)
+    # the first line; with --json stdout is the one JSON object, so the line goes to stderr
+    print(device_line(device, DTYPES["float32"], why), file=sys.stderr if args.json else sys.stdout, flush=True)
+    model, tok = load_for_inference(args.model, args.adapter, device=device)
     kw = dict(max_length=args.max_length, batch_size=args.batch_size, answers=args.generate,
               max_new_tokens=args.max_new_tokens)
     results = {"adapted" if args.adapter else "model": eval_examples(model, tok, examples, **kw)}
@@ -84,6 +92,7 @@ def add_eval_parser(sub) -> None:
     add_max_length_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default: 8)")
     add_max_new_tokens_flag(p, "with --generate", default=64)
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print the metrics (and answers) as JSON (default: a table)")
     p.set_defaults(func=cmd_eval, needs=("transformers",))
 

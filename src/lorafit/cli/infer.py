@@ -11,8 +11,10 @@ import threading
 from contextlib import contextmanager
 from dataclasses import asdict
 
+from ..devices import resolve_device
 from ..errors import ConfigError
-from .common import add_max_new_tokens_flag, add_model_flag
+from ..hf import DTYPES
+from .common import add_device_flag, add_max_new_tokens_flag, add_model_flag, device_line
 
 PROMPT = "you> "
 ANSWER = "model> "
@@ -35,12 +37,14 @@ def _write(text: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..generate import compare, generate, load_for_inference, read_messages, render
 
-    sampling = _sampling(args)  # every input is checked before the model loads
+    device, why = resolve_device(args.device)  # every input is checked before the model loads, the device first
+    sampling = _sampling(args)
     if args.compare and args.adapter is None:
         raise ConfigError("--compare needs --adapter: it prints the base model's answer beside the adapted one's")
     messages = read_messages(args.messages) if args.messages else None
+    print(device_line(device, DTYPES[args.dtype], why), file=sys.stderr, flush=True)  # stdout is the answer's
     model, tok = load_for_inference(args.model, args.adapter, dtype=args.dtype,
-                                    chat_template=args.chat_template)
+                                    chat_template=args.chat_template, device=device)
     ids = render(tok, prompt=args.prompt, messages=messages, system=args.system, raw=args.raw)
     stream = None if args.json else _write
     if args.compare:
@@ -82,14 +86,16 @@ def _ctrl_c_sets(flag: threading.Event):
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..generate import Chat, load_for_inference
 
+    device, why = resolve_device(args.device)  # an absent device: exit 2 before any work
     sampling = _sampling(args)
     model, tok = load_for_inference(args.model, args.adapter, dtype=args.dtype,
-                                    chat_template=args.chat_template)
+                                    chat_template=args.chat_template, device=device)
     chat = Chat(model, tok, system=args.system, sampling=sampling)
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
+    print(device_line(device, DTYPES[args.dtype], why))  # once the chat can start: nothing on stdout before a refusal
     print(f"chatting with {args.model}" + (f" + {args.adapter}" if args.adapter else "") + f" ({HELP})")
     while True:
         try:
@@ -133,6 +139,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampler (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights dtype (default: float32)")
+    add_device_flag(p)
 
 
 def add_generate_parser(sub) -> None:

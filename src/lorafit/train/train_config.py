@@ -25,11 +25,14 @@ SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")  # transformers' attn_implementation names
 STRATEGIES = ("auto", "ddp", "fsdp")
 
-# The stems of the help of --model, --output and --max-length: every command's flag of that name starts with its stem
-# (``lorafit.cli.common`` builds the others' and adds their clause after ": "), these fields' help included
+# The stems of the help of --model, --output, --max-length and --device: every command's flag of that name starts
+# with its stem (``lorafit.cli.common`` builds the others' and adds their clause after ": "), these fields' help
+# included
 MODEL_HELP = "local transformers causal-LM folder"
 OUTPUT_HELP = "output path"
 MAX_LENGTH_HELP = "tokens per example"
+DEVICE_HELP = ("where to run: auto (cuda:LOCAL_RANK under torchrun, else cuda, else mps, else cpu), cpu, cuda, "
+               "cuda:N or mps")
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,7 @@ class TrainConfig:
     quantize: Optional[str] = setting(None, "store the frozen base linears as " + " or ".join(FORMATS) + " (QLoRA, "
                                       "via torchao; the adapter stays float32)",
                                       Check(lambda v: v is None or v in FORMATS, ", ".join(FORMATS) + " or null"))
-    device: str = setting("auto", "where to train: auto (cuda:LOCAL_RANK under torchrun, else cuda, else mps, else "
-                          "cpu), cpu, cuda, cuda:N or mps", Check(devices.is_device_name, devices.CHOICES))
+    device: str = setting("auto", DEVICE_HELP, Check(devices.is_device_name, devices.CHOICES))
     attn_implementation: Optional[str] = setting(None, "transformers' attention kernel: " + ", ".join(ATTENTION)
                                                  + " (default: transformers' choice, sdpa where it runs)",
                                                  Check(lambda v: v is None or v in ATTENTION,
