@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -152,7 +151,5 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(settings_)
     require_demo("train", cfg.model)
     require_quant("train", cfg.quantize, cfg.strategy)
-    if note:
-        print(note, file=sys.stderr if args.quiet else sys.stdout, flush=True)
-    run(cfg, quiet=args.quiet)
+    run(cfg, quiet=args.quiet, notes=(note,) if note else ())
     return 0

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -216,17 +215,18 @@ def prepare_output(cfg: TrainConfig, resume: bool) -> Path:
     return out
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: tuple[str, ...] = ()) -> dict:
     """Train per ``cfg`` (or continue the run in ``cfg.output`` with ``resume``) and return a summary dict.
 
     Bad input (data, model folder, LoRA config) raises before anything is written to the output folder. Under
-    torchrun, every rank trains its share of each global batch and rank 0 writes the files.
+    torchrun, every rank trains its share of each global batch and rank 0 writes the files. The first line names
+    the device, its dtype, the attention kernel and why; ``notes`` (e.g. why this dtype) follow it.
     """
     device, why = resolve_device(cfg.device)  # an absent device fails here, before any work
     if cfg.quantize:
         check_device(cfg.quantize, device)
     d = D.init_distributed(cfg.dist_timeout, device)
-    summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why)
+    summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why, notes=notes)
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
     # reducer holds the process group) is freed while every peer is still there, then leave the group together.
     gc.collect()
@@ -234,7 +234,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
     return summary
 
 
-def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: str = "") -> dict:
+def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: str = "",
+         notes: tuple[str, ...] = ()) -> dict:
     state = RunState(cfg, d, prepare_output(cfg, resume), _say(quiet) if d.main else (lambda msg: None),
                      show=not quiet and d.main, quiet=quiet, device=d.device)
     state_file = state.out / "trainer_state.json"
@@ -246,6 +247,8 @@ def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: 
         torch.set_float32_matmul_precision("high")  # TF32 matmuls (Ampere and later), as HF Trainer's tf32=True
     state.say(f"device: {device_label(state.device, DTYPES[cfg.dtype])}, {cfg.attn_implementation or 'default'} "
               f"attention ({device_why})")
+    for note in notes:
+        state.say(note)
     prepare(state, resume=resume)
     restore(state)
     before = fit(state)
@@ -454,7 +457,7 @@ def finish(state: RunState, before: dict) -> dict:
     n_train, n_total = trainable_parameters(state.core)
     summary = {"finished": True, "steps": state.steps, "before": before, "after": after, "trainable": n_train,
                "total": n_total, "wall_time_s": round(time.time() - state.t0, 1), "output": str(state.out),
-               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "peak_rss_mib": round(D.peak_rss_bytes() / 2**20, 1),
                "processes": state.d.world, "strategy": state.strategy, "max_rank_divergence": divergence}
     if state.d.main:
         peft_format.write_adapter(state.core, state.out, tensors)
