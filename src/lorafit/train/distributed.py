@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
+import resource
 import sys
 import threading
 import time
@@ -110,18 +111,62 @@ def leave(d: Dist, *, within_s: float = 30.0) -> None:
         faulthandler.cancel_dump_traceback_later()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far, in bytes. ``ru_maxrss`` is in KiB on Linux and in bytes on
+    macOS (getrusage(2) on each)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit()
+
+
+def rss_unit() -> int:
+    """Bytes per unit of ``ru_maxrss``: 1 on macOS, 1024 elsewhere (Linux)."""
+    return 1 if sys.platform == "darwin" else 1024
+
+
+def host_available_memory() -> int:
+    """Bytes of host memory free now: ``SC_AVPHYS_PAGES`` (Linux: MemFree, without the reclaimable page cache, so on
+    the low side). macOS has no such sysconf name; there half the physical memory (``SC_PHYS_PAGES``) stands in, a
+    conservative guess (macOS keeps most of its memory in use as cache and compresses before it swaps)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        return page * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):  # an unknown name (macOS), or one the system cannot answer
+        return page * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def device_free_memory(d: Dist) -> int:
+    """Bytes one rank can use on its device: a GPU's free memory (``torch.cuda.mem_get_info``; each rank has its own
+    GPU), else its share of the host's available memory (the ranks on a host share it)."""
+    if d.device.type == "cuda":
+        return torch.cuda.mem_get_info(d.device)[0]
+    return host_available_memory() // max(1, d.world)
+
+
+def _least_over_ranks(n: int, d: Dist) -> int:
+    """The smallest ``n`` of all ranks, so that every rank makes the same choice from it (one all-reduce; identity
+    outside a process group). A tensor on the GPU for nccl, on the CPU for gloo."""
+    if not (d.enabled and dist.is_initialized()):
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def choose_strategy(strategy: str, model: nn.Module, d: Dist) -> str:
-    """"auto": DDP when a full copy of the weights fits comfortably in one device's memory, else FSDP."""
+    """"auto": DDP when a full copy of the weights fits comfortably (3x its size) in one rank's memory, else FSDP.
+
+    On CUDA that memory is the rank's GPU: its free memory plus the weights already there (the run loads the model
+    onto its device before choosing). Elsewhere it is the rank's share of the host's available memory. The smallest
+    over the ranks decides, so that all of them choose the same."""
     if strategy != "auto":
         return strategy
     if any(is_quantized(p) for p in model.parameters()):  # torchao tensors: DDP only (see cli.train.require_quant)
         return "ddp"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    free = device_free_memory(d)
     if d.device.type == "cuda":
-        free = torch.cuda.mem_get_info(d.device)[0]
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // max(1, d.world)
-    return "ddp" if weights * 3 < free else "fsdp"
+        free += sum(p.numel() * p.element_size() for p in params if p.device == d.device)
+    return "ddp" if weights * 3 < _least_over_ranks(free, d) else "fsdp"
 
 
 def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
