@@ -214,6 +214,71 @@ def test_readme_torchrun_command_parses(setup, tmp_path):
                                                                                     "fsdp"]
 
 
+
+# --- --strategy auto: sized from the rank's device, the same on every rank ------------------------------------------
+
+def _weights_and_model():
+    model = torch.nn.Linear(100, 100)  # float32: 40,400 bytes
+    return 4 * (100 * 100 + 100), model
+
+
+def test_auto_strategy_on_cuda_sizes_from_the_gpu_not_the_host(monkeypatch):
+    from lorafit.train import distributed as D
+
+    weights, model = _weights_and_model()
+    asked = []
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (free["bytes"], 0))
+    monkeypatch.setattr(D, "host_available_memory", lambda: pytest.fail("a GPU rank read the host's memory"))
+    d = D.Dist(rank=1, world=2, local_rank=1, device=torch.device("cuda", 1))  # no process group: no all-reduce
+    free["bytes"] = 3 * weights + 1  # each rank has its own GPU: not shared between the ranks
+    assert D.choose_strategy("auto", model, d) == "ddp" and asked == [torch.device("cuda", 1)]
+    free["bytes"] = 3 * weights
+    assert D.choose_strategy("auto", model, d) == "fsdp"
+    assert D.choose_strategy("ddp", model, d) == "ddp"  # asked for: no sizing
+
+
+def test_auto_strategy_on_the_cpu_shares_the_host_between_ranks(monkeypatch):
+    from lorafit.train import distributed as D
+
+    weights, model = _weights_and_model()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("a CPU rank read a GPU"))
+    d = D.Dist(rank=0, world=2)
+    monkeypatch.setattr(D, "host_available_memory", lambda: 2 * (3 * weights + 1))
+    assert D.choose_strategy("auto", model, d) == "ddp"
+    monkeypatch.setattr(D, "host_available_memory", lambda: 2 * 3 * weights)
+    assert D.choose_strategy("auto", model, d) == "fsdp"
+
+
+def test_strategy_sizing_falls_back_where_sc_avphys_pages_is_missing(monkeypatch):
+    """macOS has no SC_AVPHYS_PAGES: half the physical memory stands in."""
+    from lorafit.train import distributed as D
+
+    def sysconf(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return {"SC_PAGE_SIZE": 16384, "SC_PHYS_PAGES": 1_000_000}[name]
+
+    monkeypatch.setattr(os, "sysconf", sysconf)
+    assert D.host_available_memory() == 16384 * 1_000_000 // 2
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_AVPHYS_PAGES": 10}[name])
+    assert D.host_available_memory() == 40960
+
+
+def test_strategy_memory_is_the_least_over_the_ranks(tmp_path):
+    """Ranks that read different free memory still choose the same strategy: each takes the smallest (gloo)."""
+    script = tmp_path / "least.py"
+    script.write_text("import os, torch.distributed as dist\n"
+                      "from lorafit.train import distributed as D\n"
+                      "d = D.init_distributed(60)\n"
+                      "print('least', d.rank, D._least_over_ranks(1000 + 7 * d.rank, d), flush=True)\n"
+                      "dist.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(re.findall(r"least (\d) (\d+)", r.stdout)) == [("0", "1000"), ("1", "1000")], r.stdout
+
 # --- exit under load (slow): `pytest -m slow tests/train/test_distributed.py -k load` ------------------------------
 
 ROUNDS = int(os.environ.get("LORAFIT_STRESS_ROUNDS", "10"))

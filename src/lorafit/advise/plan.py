@@ -1,6 +1,7 @@
 """`lorafit plan`: what a LoRA config adapts in a model, and what training it will cost, without training.
 
-Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
+Peak training memory (bytes) of ``lorafit train`` on the CPU (and on MPS, whose unified memory is the host's) is
+estimated as its peak RSS:
 
     runtime      the process after importing torch + transformers (measured here) + tokenizer and data
   + weights      every base parameter at its dtype; with ``quantize``, the linears ``lorafit.quantize`` replaces
@@ -15,12 +16,28 @@ Peak training memory (bytes) of ``lorafit train`` on the CPU is estimated as
 
 The activation coefficients were calibrated against measured peak RSS (tests/test_plan.py checks the estimate is
 within 25% of a real run).
+
+On CUDA the same tensors live on the GPU and the host-only runtime term goes (Python, torch, transformers, the
+tokenizer and the data stay in host memory). What the GPU must hold is
+
+    tensors      weights + adapter + activations + logits, as above: the run loads the base straight onto the GPU
+                 in its dtype, and fused AdamW keeps the same two fp32 moments. This is what the step's
+                 ``torch.cuda.max_memory_allocated`` should come near (measured by benchmarks/gpu.py)
+  + slack        ``ALLOCATOR_SLACK`` (10%) of the tensors: PyTorch's caching allocator rounds blocks up (512 B, 2 MiB
+                 segments for large ones) and fragments, so ``torch.cuda.memory_reserved`` runs above the allocated
+                 peak (CUDA semantics notes, "Memory management")
+  + context      ``CUDA_CONTEXT`` (512 MiB): the CUDA context with the kernels it loads and the cuBLAS/cuDNN handles
+                 and workspaces; outside the caching allocator, so not in ``max_memory_allocated``, but taken from
+                 the GPU (a few hundred MiB on current drivers with lazy module loading; to be checked on a GPU)
+
+and ``plan`` compares that total with the GPU's free memory (``torch.cuda.mem_get_info``). Reading it creates this
+process's own CUDA context, so the free memory read is low by about one context once this process has exited (on the
+safe side for ``lorafit plan`` and ``suggest``; exact for ``tune``, which keeps it while its trials run).
 """
 
 from __future__ import annotations
 
 import math
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,24 +51,56 @@ from ..targets import Target, output_layer_names, select_targets
 
 MiB = 2**20
 TOKENIZER_AND_DATA = 60 * MiB  # tokenizer, tokenized data, metrics and plotting, measured on the demo run
+CUDA_CONTEXT = 512 * MiB  # the CUDA context, loaded kernels, cuBLAS/cuDNN handles and workspaces (module docstring)
+ALLOCATOR_SLACK = 0.10  # the caching allocator's reserved memory above its allocated peak, as a share of it
 
 
 @dataclass
 class MemoryEstimate:
+    """Peak training memory by parts, in bytes (the module docstring says how each is estimated). On the CPU
+    ``total`` is the peak RSS; on CUDA ``tensors`` is the step's ``torch.cuda.max_memory_allocated`` and ``total``
+    what the GPU must have free (``slack`` and ``context`` are 0 on the CPU, ``runtime`` is 0 on CUDA)."""
+
     runtime: int
     weights: int
     adapter: int
     activations: int
     logits: int
+    slack: int = 0
+    context: int = 0
+
+    @property
+    def tensors(self) -> int:
+        return self.weights + self.adapter + self.activations + self.logits
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.adapter + self.activations + self.logits
+        return self.runtime + self.tensors + self.slack + self.context
 
 
 def current_rss() -> int:
-    """This process's peak resident set size so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size so far, in bytes (``ru_maxrss`` in its platform's unit)."""
+    from ..train.distributed import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def as_device(device: torch.device | str | None) -> torch.device:
+    """The device a plan is for: None is the CPU (the estimate as it always was), a name is resolved as
+    ``--device`` is (``auto`` picks CUDA where there is one; an absent device is a ConfigError)."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str):
+        from ..devices import resolve_device
+
+        return resolve_device(device)[0]
+    return torch.device(device)
+
+
+def cuda_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, as ``torch.cuda.mem_get_info`` reports them (module docstring)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
 
 
 def adapter_parameters(model: nn.Module, targets: list[Target], use_dora: bool) -> dict[str, int]:
@@ -119,10 +168,12 @@ def weight_bytes(model: nn.Module, quantize: str | None = None) -> int:
 
 def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_length: int,
                     gradient_checkpointing: bool = False, runtime: int | None = None,
-                    adapter_inputs: int = 0, quantize: str | None = None, dropout: float = 0.0) -> MemoryEstimate:
+                    adapter_inputs: int = 0, quantize: str | None = None, dropout: float = 0.0,
+                    device: torch.device | str | None = None) -> MemoryEstimate:
     """Peak training memory, by parts (see the module docstring); ``quantize``: the base's nf4/int8 linears;
     ``dropout`` > 0 adds the saved mask of each adapted input (1 byte per value; 2 over a bfloat16 base, where the
-    adapter's products and so its masks are bfloat16)."""
+    adapter's products and so its masks are bfloat16). ``device``: the CPU's peak RSS by default (``runtime``: the
+    process baseline, default this one's); on CUDA the GPU's (no runtime; allocator slack and the CUDA context)."""
     cfg = getattr(model, "config", None)
     get = lambda *names, default=0: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa
     hidden = get("hidden_size", "n_embd", "d_model")
@@ -140,19 +191,26 @@ def estimate_memory(model: nn.Module, n_adapter: int, *, batch_size: int, max_le
     tokens = batch_size * max_length
     per_token_layer = hidden if gradient_checkpointing else 10 * hidden + 4 * kv + 4 * inter
     per_token_adapters = 0 if gradient_checkpointing else adapter_inputs
-    return MemoryEstimate(
-        runtime=(runtime if runtime is not None else current_rss()) + TOKENIZER_AND_DATA,
-        weights=weight_bytes(model, quantize),
-        adapter=16 * n_adapter,
-        activations=tokens * (layers * per_token_layer * act_bytes + per_token_adapters * (act_bytes + mask_bytes)),
-        logits=4 * tokens * vocab * 4,
-    )
+    parts = dict(weights=weight_bytes(model, quantize), adapter=16 * n_adapter,
+                 activations=tokens * (layers * per_token_layer * act_bytes
+                                       + per_token_adapters * (act_bytes + mask_bytes)),
+                 logits=4 * tokens * vocab * 4)
+    if as_device(device).type == "cuda":
+        return MemoryEstimate(runtime=0, **parts, slack=int(ALLOCATOR_SLACK * sum(parts.values())),
+                              context=CUDA_CONTEXT)
+    return MemoryEstimate(runtime=(runtime if runtime is not None else current_rss()) + TOKENIZER_AND_DATA, **parts)
 
 
 def plan(model: nn.Module, cfg: LoraConfig, *, batch_size: int = 8, max_length: int = 256,
-         gradient_checkpointing: bool = False, runtime: int | None = None, quantize: str | None = None) -> dict:
+         gradient_checkpointing: bool = False, runtime: int | None = None, quantize: str | None = None,
+         device: torch.device | str | None = None) -> dict:
     """Targets, parameter counts, adapter file size and the memory estimate, as a dict (``quantize``: over an
-    nf4/int8 base, as ``lorafit train --quantize``; ``quantized`` counts its quantized linears)."""
+    nf4/int8 base, as ``lorafit train --quantize``; ``quantized`` counts its quantized linears).
+
+    ``device``: None or the CPU plans the peak RSS; a CUDA device plans the GPU's memory (``memory.tensors`` is the
+    step's ``torch.cuda.max_memory_allocated``, ``memory.total`` what must be free) and adds ``free_bytes`` and
+    ``device_bytes``, the GPU's free and total memory (``torch.cuda.mem_get_info``; None elsewhere)."""
+    device = as_device(device)
     targets = select_targets(model, cfg)
     per_module = adapter_parameters(model, targets, cfg.use_dora)
     n_adapter = sum(per_module.values())
@@ -160,10 +218,12 @@ def plan(model: nn.Module, cfg: LoraConfig, *, batch_size: int = 8, max_length: 
     mem = estimate_memory(model, n_adapter, batch_size=batch_size, max_length=max_length,
                           gradient_checkpointing=gradient_checkpointing, runtime=runtime,
                           adapter_inputs=adapted_inputs(model, targets), quantize=quantize,
-                          dropout=cfg.lora_dropout)
+                          dropout=cfg.lora_dropout, device=device)
+    free, device_bytes = cuda_memory(device) if device.type == "cuda" else (None, None)
     return {"targets": targets, "per_module": per_module, "trainable": n_adapter, "total": total,
             "file_bytes": 4 * n_adapter + 200 * len(targets), "memory": mem,
-            "quantized": len(quantized_linears(model, quantize)) if quantize else 0}
+            "quantized": len(quantized_linears(model, quantize)) if quantize else 0,
+            "device": device, "free_bytes": free, "device_bytes": device_bytes}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -176,9 +236,14 @@ def plan_json(p: dict) -> str:
     import json
 
     mem = dataclasses.asdict(p["memory"])
-    return json.dumps({"targets": [dataclasses.asdict(t) for t in p["targets"]], "trainable": p["trainable"],
-                       "total": p["total"], "file_bytes": p["file_bytes"], "quantized": p["quantized"],
-                       "memory_bytes": {**mem, "total": p["memory"].total}}, indent=2)
+    facts = {"targets": [dataclasses.asdict(t) for t in p["targets"]], "trainable": p["trainable"],
+             "total": p["total"], "file_bytes": p["file_bytes"], "quantized": p["quantized"]}
+    if p.get("free_bytes") is None:  # the CPU: the facts as they always were
+        del mem["slack"], mem["context"]
+        return json.dumps({**facts, "memory_bytes": {**mem, "total": p["memory"].total}}, indent=2)
+    return json.dumps({**facts, "device": str(p["device"]), "memory_bytes": {
+        **mem, "tensors": p["memory"].tensors, "total": p["memory"].total, "free": p["free_bytes"],
+        "device_total": p["device_bytes"]}}, indent=2)
 
 
 def plan_table(model: nn.Module, p: dict) -> list[str]:
@@ -201,28 +266,52 @@ def plan_table(model: nn.Module, p: dict) -> list[str]:
     return lines
 
 
+def fit_line(p: dict) -> str:
+    """On CUDA: whether the estimate fits the GPU's free memory ("fits" / "does not fit"), with both numbers."""
+    from ..devices import device_label
+
+    need, free = p["memory"].total, p["free_bytes"]
+    where = (f"{_fmt_bytes(free)} free of {_fmt_bytes(p['device_bytes'])} on {device_label(p['device'])} "
+             "(torch.cuda.mem_get_info)")
+    if need <= free:
+        return f"  fits: ~{_fmt_bytes(need)} needed, {where}"
+    return (f"  does not fit: ~{_fmt_bytes(need)} needed, {where}; try --gradient-checkpointing, a smaller "
+            "--batch-size or --max-length, or --quantize nf4")
+
+
+def memory_lines(p: dict, *, batch_size: int, max_length: int, dtype: str, settings: str) -> list[str]:
+    """The peak-memory lines of the report: the total, its parts, and on CUDA whether it fits the GPU."""
+    mem: MemoryEstimate = p["memory"]
+    on_gpu = p.get("free_bytes") is not None
+    head = (f"  {'peak GPU memory' if on_gpu else 'peak training memory':<20}  ~{_fmt_bytes(mem.total)} for batch "
+            f"{batch_size} x {max_length} tokens, {dtype}{settings}:")
+    tensors = (f"weights {_fmt_bytes(mem.weights)} + adapter with grads and AdamW {_fmt_bytes(mem.adapter)} + "
+               f"activations {_fmt_bytes(mem.activations)} + logits/loss {_fmt_bytes(mem.logits)}")
+    if not on_gpu:
+        return [head, f"      runtime {_fmt_bytes(mem.runtime)} + {tensors}"]
+    return [head, f"      {tensors} = {_fmt_bytes(mem.tensors)} of tensors (torch.cuda.max_memory_allocated) + "
+                  f"allocator slack {_fmt_bytes(mem.slack)} + CUDA context {_fmt_bytes(mem.context)}", fit_line(p)]
+
+
 def plan_report(model_dir: str | Path, cfg: LoraConfig, *, batch_size: int = 8, max_length: int = 256,
                 dtype: str = "float32", gradient_checkpointing: bool = False, as_json: bool = False,
-                quantize: str | None = None) -> str:
-    """The text table `lorafit plan` prints (or the same facts as JSON): load (shapes), compute, format."""
+                quantize: str | None = None, device: torch.device | str | None = None) -> str:
+    """The text table `lorafit plan` prints (or the same facts as JSON): load (shapes), compute, format.
+    ``device``: as ``plan``'s (None: the CPU)."""
     runtime = current_rss()
     from ..hf import meta_model
 
     model = meta_model(model_dir, dtype)
     p = plan(model, cfg, batch_size=batch_size, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
-             runtime=runtime, quantize=quantize)
+             runtime=runtime, quantize=quantize, device=device)
     if as_json:
         return plan_json(p)
-    mem: MemoryEstimate = p["memory"]
     quantized = f", {p['quantized']} linears in {quantize}" if quantize else ""
     lines = [f"plan for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha} target_modules={cfg.target_modules!r} "
              f"use_dora={cfg.use_dora} use_rslora={cfg.use_rslora}", "", *plan_table(model, p), "",
              f"  trainable parameters  {p['trainable']:,} of {p['total']:,} "
              f"({100 * p['trainable'] / max(p['total'], 1):.3f}%)",
              f"  adapter file          ~{_fmt_bytes(p['file_bytes'])} (float32 safetensors)",
-             f"  peak training memory  ~{_fmt_bytes(mem.total)} for batch {batch_size} x {max_length} tokens, "
-             f"{dtype}{quantized}{', gradient checkpointing' if gradient_checkpointing else ''}:",
-             f"      runtime {_fmt_bytes(mem.runtime)} + weights {_fmt_bytes(mem.weights)} + adapter with grads "
-             f"and AdamW {_fmt_bytes(mem.adapter)} + activations {_fmt_bytes(mem.activations)} + logits/loss "
-             f"{_fmt_bytes(mem.logits)}"]
+             *memory_lines(p, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                           settings=quantized + (", gradient checkpointing" if gradient_checkpointing else ""))]
     return "\n".join(lines)

@@ -27,7 +27,9 @@ depends on, at the convention's.
 
 ``suggest`` picks the preferred configuration for (complexity, goal), then shrinks it until it fits the budgets:
 fewer targets (all-linear -> q, v), a lower rank, gradient checkpointing, a smaller micro-batch (gradient
-accumulation keeps the effective batch). When nothing fits, ``fits`` is False and the last reason says why.
+accumulation keeps the effective batch). When nothing fits, ``fits`` is False and the last reason says why. On a
+CUDA device the estimate is the GPU's (``plan``'s module docstring), and without a memory budget the GPU's free
+memory is the budget.
 
 Modules are found by structure and name, so any transformers model works (``attention_roles``).
 
@@ -42,6 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -49,7 +52,7 @@ from ..layers import layer_kind
 from ..lora_config import LoraConfig
 from ..ops import scaling
 from ..targets import output_layer_names, select_targets
-from .plan import MemoryEstimate, adapter_parameters, estimate_memory
+from .plan import MemoryEstimate, adapter_parameters, as_device, cuda_memory, estimate_memory
 
 COMPLEXITIES = ("simple", "complex")
 GOALS = ("quality", "efficiency")
@@ -277,6 +280,7 @@ class _Fit:
     accum: int = 1
     targets_why: str = ""
     notes: list[str] = field(default_factory=list)  # what the budgets changed, in order
+    device: torch.device = torch.device("cpu")  # whose memory the estimate is of (the CPU's RSS, or a GPU's)
 
     def config(self) -> LoraConfig:
         spec = target_spec(self.model, self.targets, self.roles)
@@ -288,7 +292,7 @@ class _Fit:
     def size(self) -> tuple[int, MemoryEstimate]:
         n = _count(self.model, self.config())
         return n, estimate_memory(self.model, n, batch_size=self.batch, max_length=self.max_length,
-                                  gradient_checkpointing=self.gc, runtime=self.runtime)
+                                  gradient_checkpointing=self.gc, runtime=self.runtime, device=self.device)
 
     def ok(self, n_budget: Optional[int], mem_budget: Optional[int]) -> bool:
         n, mem = self.size()
@@ -368,16 +372,27 @@ def _budget_reason(fit: _Fit, n: int, mem: MemoryEstimate, fits: bool, n_budget:
                 f"no budget given: {n:,} adapter parameters, peak training memory ~{_gib(mem.total)} "
                 f"(batch {fit.batch} x {fit.max_length} tokens)")
     floor = estimate_memory(fit.model, 0, batch_size=1, max_length=fit.max_length, gradient_checkpointing=True,
-                            runtime=fit.runtime).total
+                            runtime=fit.runtime, device=fit.device).total
+    fixed = "CUDA context" if fit.device.type == "cuda" else "runtime"
     return ("NOTHING FITS: even the smallest configuration tried misses the budget: " + "; ".join(checks)
-            + (f"; the base weights and runtime alone need ~{_gib(floor)} at batch 1 with checkpointing"
+            + (f"; the base weights and {fixed} alone need ~{_gib(floor)} at batch 1 with checkpointing"
                if mem_budget is not None and floor > mem_budget else "")
             + ". Raise the budget, shorten max_length, or use a smaller model / lower-precision weights")
 
 
+def device_budget(device: torch.device, memory_budget: Optional[int]) -> tuple[Optional[int], list[str]]:
+    """(the memory budget, the reason line when it was not given): on CUDA without one, the GPU's free memory."""
+    if memory_budget is not None or device.type != "cuda":
+        return memory_budget, []
+    free, total = cuda_memory(device)
+    return free, [f"memory budget: the {_gib(free)} free of {_gib(total)} on {device} (torch.cuda.mem_get_info), "
+                  "as none was given; the estimate is of the GPU's memory"]
+
+
 def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_budget: Union[int, str, None] = None,
             param_budget: Union[int, str, None] = None, goal: str = "quality", batch_size: int = 8,
-            max_length: int = 256, runtime: Optional[int] = None) -> Suggestion:
+            max_length: int = 256, runtime: Optional[int] = None,
+            device: Union[torch.device, str, None] = None) -> Suggestion:
     """The LoRA configuration the rules of thumb give for ``model`` and the task, within the budgets.
 
     Args:
@@ -389,20 +404,24 @@ def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_bu
         goal: "quality" (all linear layers) or "efficiency" (q, v only).
         batch_size, max_length: the training batch the memory check assumes.
         runtime: the process baseline in bytes (default this process's peak RSS, as ``plan``).
+        device: where the run trains: None or the CPU estimates its peak RSS; CUDA estimates the GPU's memory, and
+            without ``memory_budget`` the GPU's free memory is the budget (a name is resolved as ``--device``).
     """
     if complexity is not None and complexity not in COMPLEXITIES:
         raise ConfigError(f"complexity={complexity!r} is invalid: expected simple or complex")
     if goal not in GOALS:
         raise ConfigError(f"goal={goal!r} is invalid: expected quality or efficiency")
-    mem_budget, n_budget = parse_bytes(memory_budget), parse_count(param_budget)
+    device = as_device(device)
+    mem_budget, reasons = device_budget(device, parse_bytes(memory_budget))
+    n_budget = parse_count(param_budget)
     roles = attention_roles(model)
-    reasons = [] if complexity is not None else \
-        ["complexity: not given, assumed simple; `lorafit probe` measures it from the data"]
+    if complexity is None:
+        reasons.append("complexity: not given, assumed simple; `lorafit probe` measures it from the data")
     complexity = complexity or "simple"
     rule = RULES[(complexity, goal)]
     targets = rule["targets"] if rule["targets"] != "qv" or roles.qv else "all-linear"  # no attention: all linear
     fit = _Fit(model, roles, complexity, max_length, runtime, targets, rule["r"], batch_size,
-               targets_why=f"goal {goal}")
+               targets_why=f"goal {goal}", device=device)
     if n_budget is not None:
         _fit_params(fit, rule, n_budget)
     if mem_budget is not None:

@@ -12,7 +12,8 @@ The study (Optuna's RDB storage; default ``OUTPUT/study.db``, SQLite) is the onl
   keeps every finished trial and re-runs the interrupted one.
 - **Pruning.** Each trial reports its eval loss at rungs of the step budget (steps/4, /2, and the end), and the
   pruner (successive halving, Li et al. 2018 / Jamieson & Talwalkar 2016; or Hyperband, Li et al. 2018) stops the
-  ones that trail. ``plan``'s estimate prunes a trial over the parameter or memory budget before it starts.
+  ones that trail. ``plan``'s estimate prunes a trial over the parameter or memory budget before it starts; on a
+  CUDA device it is the GPU's estimate, and without a memory budget the GPU's free memory is the budget.
 - **Isolation.** Each trial trains in its own process (lorafit.advise.trial): a crash or a diverging loss fails
   that trial, with its reason, and the study goes on.
 
@@ -26,12 +27,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import ConfigError, DataError
 from ..files import read_json, write_json
 from ..lora_config import LoraConfig
 from .space import Space, sample, trial_label, trial_lora, within
+
+if TYPE_CHECKING:
+    import torch
 
 DRIVERS = {"postgresql": "psycopg2-binary", "postgres": "psycopg2-binary", "postgresql+psycopg2": "psycopg2-binary",
            "postgresql+psycopg": "psycopg", "mysql": "mysqlclient", "mysql+pymysql": "PyMySQL",
@@ -203,11 +207,14 @@ def take_waiting(study, storage):
 
 @dataclass
 class Context:
-    """What every trial of this worker shares: the meta model (shapes), the probed config, the process RSS."""
+    """What every trial of this worker shares: the meta model (shapes), the probed config, the process RSS, the
+    device the trials train on (None: the CPU) and what the memory budget is (a flag, or the GPU's free memory)."""
 
     meta: object
     probed: Optional[LoraConfig]
     runtime: int
+    device: Optional[torch.device] = None
+    memory_why: str = "--memory-budget"
 
 
 def cost(ctx: Context, lora: LoraConfig, settings: dict) -> tuple[int, int]:
@@ -220,7 +227,8 @@ def cost(ctx: Context, lora: LoraConfig, settings: dict) -> tuple[int, int]:
     mem = estimate_memory(ctx.meta, n, batch_size=settings.get("batch_size", 8),
                           max_length=settings.get("max_length", 256),
                           gradient_checkpointing=settings.get("gradient_checkpointing", False), runtime=ctx.runtime,
-                          adapter_inputs=adapted_inputs(ctx.meta, targets), dropout=lora.lora_dropout)
+                          adapter_inputs=adapted_inputs(ctx.meta, targets), dropout=lora.lora_dropout,
+                          device=ctx.device)
     return n, mem.total
 
 
@@ -450,7 +458,7 @@ def first_trials(job: TuneJob, ctx: Context, complexity: Optional[str]) -> tuple
 
     s = suggest(ctx.meta, complexity=complexity, param_budget=job.budget_params, memory_budget=job.memory_budget,
                 batch_size=job.settings.get("batch_size", 8), max_length=job.settings.get("max_length", 256),
-                runtime=ctx.runtime)
+                runtime=ctx.runtime, device=ctx.device)
     targets = "all-linear" if s.config.target_modules == "all-linear" else "qv"
     space = job.space.around(s.lr)
     first = [(within({"r": s.config.r, "targets": targets, "alpha": s.config.lora_alpha, "rslora": False,
@@ -484,15 +492,29 @@ def check_budgets(job: TuneJob, ctx: Context) -> None:
                           f"smallest (r={low['r']}, {t}) has {n:,} adapter parameters")
     _, mem, t = min(sizes, key=lambda x: x[1])
     if job.memory_budget is not None and mem > job.memory_budget:
-        raise ConfigError(f"no configuration of the search space fits --memory-budget "
+        raise ConfigError(f"no configuration of the search space fits {ctx.memory_why} "
                           f"{job.memory_budget / 2**20:,.0f} MiB: the smallest (r={low['r']}, {t}) needs "
                           f"~{mem / 2**20:,.0f} MiB (lorafit plan's estimate at batch {job.settings.get('batch_size')}"
                           f" x {job.settings.get('max_length')} tokens)")
 
 
+def device_budget(job: TuneJob, ctx: Context, say: Callable[[str], None]) -> None:
+    """On a CUDA device without --memory-budget, the GPU's free memory becomes the budget (said on a line). It is
+    read in this process, whose CUDA context stays while the trials run, so the trials' budget leaves it out."""
+    from .plan import cuda_memory
+
+    if job.memory_budget is not None or ctx.device is None or ctx.device.type != "cuda":
+        return
+    free, total = cuda_memory(ctx.device)
+    job.memory_budget, ctx.memory_why = free, f"the free memory of {ctx.device}"
+    say(f"memory budget: the {free / 2**20:,.0f} MiB free of {total / 2**20:,.0f} MiB on {ctx.device} "
+        "(torch.cuda.mem_get_info; no --memory-budget given); plan's GPU estimate prunes trials over it")
+
+
 def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Optional[str]]:
     """The worker's context, the first trials and the probe's complexity; the space gets its lr range (around
     suggest's learning rate). Reads the model's shapes and probes; writes nothing."""
+    from ..devices import resolve_device
     from ..hf import meta_model
     from ..train.loop import resolve_model_dir
     from ..train.train_config import TrainConfig
@@ -500,8 +522,10 @@ def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Op
     from .trial import preload_model_type, start_server
 
     runtime = current_rss()
-    meta = meta_model(resolve_model_dir(TrainConfig.from_dict(dict(job.settings))))
-    ctx = Context(meta, None, runtime)
+    cfg = TrainConfig.from_dict(dict(job.settings))
+    meta = meta_model(resolve_model_dir(cfg))
+    ctx = Context(meta, None, runtime, resolve_device(cfg.device)[0])  # the trials' device (an absent one: exit 2)
+    device_budget(job, ctx, say)
     preload_model_type(getattr(meta.config, "model_type", "") or "none")
     start_server()  # its imports overlap the probe and the study's setup
     complexity = None
