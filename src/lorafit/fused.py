@@ -274,8 +274,12 @@ def clear_cache() -> None:
 
 @torch.no_grad()
 def row_sq_norms(W0: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """||W0_i||² per output row (out,), accumulated in float64: computed once per W0, which is frozen."""
-    return torch.linalg.vector_norm(dense(W0), dim=1, dtype=torch.float64).square().to(dtype)
+    """||W0_i||² per output row (out,): computed once per W0, which is frozen, and accumulated in float64, or in
+    float32 where the device has no float64 (Apple's MPS). A float32 sum of ``in`` squares errs by at most
+    ~in·2⁻²⁴ relative (2.4e-4 at in = 4096); measured on the CPU over 4096-wide rows (Gaussian, bfloat16 and
+    Student-t weights): 1e-6 with torch's float32 vector_norm, 8e-6 summed one term at a time."""
+    acc = torch.float32 if W0.device.type == "mps" else torch.float64
+    return torch.linalg.vector_norm(dense(W0), dim=1, dtype=acc).square().to(dtype)
 
 
 @torch.no_grad()

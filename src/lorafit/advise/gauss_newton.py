@@ -17,12 +17,15 @@ smear a low-rank update over its neighbours; Δ*_m does not. Δ* is solved matri
 (Hestenes & Stiefel 1952) on Gauss-Newton-vector products (Schraudolph 2002; Martens 2010, "Deep learning via
 Hessian-free optimization"): one pass with forward-mode AD gives J·v for the current direction v while recording
 the graph, and a reverse pass through that graph gives Jᵀ·u with u = (diag p − p pᵀ)·J·v / N_b.
+
+Everything runs on the model's device; the solver reads two numbers back per conjugate-gradient step (the curvature
+along the direction and the residual, in one transfer), which decide whether to go on.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -31,6 +34,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Deltas = dict[str, Tensor]  # module name -> (out, in)
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums of many terms (Fisher traces, sketches, dot products), float32 where the device has no
+    float64 (Apple's MPS): float32 sums of n terms err by at most ~n·2⁻²⁴ relative, pairwise ones by ~log2(n)·2⁻²⁴;
+    lorafit.advise.probe states what that does to a probe."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 @contextmanager
@@ -95,19 +105,27 @@ def gn_product(model: nn.Module, batches: list, v: Deltas, logits_fn: Callable[[
     return hv
 
 
-def _dot(a: Deltas, b: Deltas) -> float:
-    return sum(float(torch.linalg.vecdot(a[n].double().flatten(), b[n].double().flatten())) for n in a)
+def _dot(a: Deltas, b: Deltas) -> Tensor:
+    """Σ_m ⟨a_m, b_m⟩, a 0-d tensor on their device in ``accumulation_dtype``, summed module by module."""
+    total = None
+    for n in a:
+        acc = accumulation_dtype(a[n].device)
+        d = torch.linalg.vecdot(a[n].to(acc).flatten(), b[n].to(acc).flatten())
+        total = d if total is None else total + d
+    return total
 
 
 def newton_step(model: nn.Module, batches: Iterable[dict], grads: Deltas,
-                logits_fn: Callable[[nn.Module, dict], Tensor], *, iters: int = 20, damping: float = 0.0,
-                tol: float = 1e-3, scale: Optional[dict[str, float]] = None) -> tuple[Deltas, dict]:
+                logits_fn: Callable[[nn.Module, dict], Tensor], *, iters: int = 20,
+                damping: Union[float, Tensor] = 0.0, tol: float = 1e-3,
+                scale: Optional[dict[str, Union[float, Tensor]]] = None) -> tuple[Deltas, dict]:
     """Δ* ≈ −(H + damping·I)⁻¹·g by at most ``iters`` conjugate-gradient steps from Δ = 0 (stops early when
     ||r|| <= tol·||g||). ``grads``: g per module, (out, in), the gradient of the same loss summed over ``batches``.
     ``scale``: a per-module estimate of H's diagonal (e.g. the mean Fisher eigenvalue), used as the preconditioner
     M = diag(scale_m·I) (preconditioned CG: modules whose curvature differs by orders of magnitude converge alike).
-    Returns (Δ*, {"iters": steps taken, "residual": ||r||/||g||, "decrease": −(gᵀΔ* + ½Δ*ᵀHΔ*)}), the last
-    being the loss decrease the quadratic model predicts. The model is left unchanged."""
+    ``damping`` and ``scale`` may be 0-d tensors on the device. Returns (Δ*, {"iters": steps taken, "residual":
+    ||r||/||g||, "decrease": −(gᵀΔ* + ½Δ*ᵀHΔ*)}), the last being the loss decrease the quadratic model predicts.
+    The model is left unchanged. Host reads: ||g||² once, two numbers per step, the decrease once."""
     batches = list(batches)
     x = {n: torch.zeros_like(g) for n, g in grads.items()}
     r = {n: -g for n, g in grads.items()}  # residual −g − (H + δI)·x at x = 0
@@ -119,7 +137,7 @@ def newton_step(model: nn.Module, batches: Iterable[dict], grads: Deltas,
     z = precond(r)
     p = {n: t.clone() for n, t in z.items()}
     rz = _dot(r, z)
-    rr = g0 = _dot(r, r)
+    rr = g0 = float(_dot(r, r))
     steps = 0
     was_training = model.training
     model.eval()
@@ -129,20 +147,20 @@ def newton_step(model: nn.Module, batches: Iterable[dict], grads: Deltas,
             for n in hp:
                 hp[n] += damping * p[n]
             php = _dot(p, hp)
-            if php <= 0:  # no curvature left along p (H is PSD): stop at the current x
-                break
-            a = rz / php
+            a = torch.where(php > 0, rz / php, 0.0)  # no curvature left along p (H is PSD): no step, and stop
             for n in x:
                 x[n] += a * p[n]
                 r[n] -= a * hp[n]
             z = precond(r)
             rz, rz_old = _dot(r, z), rz
-            rr = _dot(r, r)
             for n in p:
                 p[n] = z[n] + (rz / rz_old) * p[n]
+            php, rr = torch.stack([php, _dot(r, r)]).tolist()  # the step's one read
+            if not php > 0:
+                break
             steps += 1
     finally:
         model.train(was_training)
     # (H + δI)·x = −g − r, so the quadratic model gᵀx + ½xᵀ(H + δI)x = ½(gᵀx − rᵀx)
-    decrease = 0.5 * (_dot(r, x) - _dot(grads, x))
+    decrease = 0.5 * float(_dot(r, x) - _dot(grads, x))
     return x, {"iters": steps, "residual": (rr / g0) ** 0.5 if g0 > 0 else 0.0, "decrease": decrease}

@@ -36,6 +36,18 @@ Z = Ψ·G (2k+1, in) with fixed Gaussian Ω, Ψ, both linear in G so batches sim
 G ≈ Q·(Ψ·Q)⁺·Z, and the singular values of (Ψ·Q)⁺·Z (k, in) approximate the top k of G. The total energy is
 estimated as (||Y||² + ||Z||²) / (3k+1), since E||G·Ω||² = k·||G||² and E||Ψ·G||² = (2k+1)·||G||².
 Ranks near k are unreliable: choose k >= 2·(largest rank) + 8.
+
+Device: the probe runs where the model is. Accumulators, sketches and the sampling generator live on the model's
+device (a device generator seeded as on the CPU, where the numbers are the same as ever); nothing is read back per
+batch or per module, only the spectra and scalars once at the end (and, with ``newton``, two numbers per
+conjugate-gradient step). Sums of many terms (Fisher traces, sketches, energies, the solver's dot products) are
+float64 where the device has it and float32 on Apple's MPS (``accumulation_dtype``); G itself is float32 everywhere.
+What float32 accumulation does, measured on the CPU against float64 (the tiny and the planted Llama of the tests):
+gradient spectra are unchanged, energies, curvatures and gains move by < 3e-7 relative; Newton spectra move by
+6e-7 of s_1 after 10 conjugate-gradient steps and by 2e-3 of s_1 (gains 3e-3 relative) after 60, as the rounding of
+the solver's dot products compounds; the ranks were the same every time. A sketch on MPS is another random draw
+(float32 normals from its own generator), as good as the CPU's: its energy estimate differs within the sketch's own
+randomness, which can move a rank at the --energy threshold.
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ from ..files import write_figure
 from ..layers import in_out_features
 from ..lora_config import LoraConfig
 from ..targets import select_targets
-from .gauss_newton import newton_step, output_grads, recorded_calls
+from .gauss_newton import accumulation_dtype, newton_step, output_grads, recorded_calls
 from .results import pyplot
 from .suggest import LORA_ALPHA
 
@@ -123,43 +135,63 @@ def probed_config(ranks: dict[str, int], alpha: float = LORA_ALPHA, use_dora: bo
 
 # --- gradients -------------------------------------------------------------------------------------------
 
-class ExactGradient:
-    """G = Σ dYᵀ·X, kept in full: out·in float32 values."""
+def device_generator(device: torch.device, seed: int) -> Optional[torch.Generator]:
+    """A generator on ``device`` seeded with ``seed`` (on the CPU, the numbers torch.Generator() gave); None on
+    ``meta``, whose tensors hold no values to draw."""
+    return None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
 
-    def __init__(self, n_in: int, n_out: int, seed: int) -> None:
+
+def to_host(tensors: list[Tensor], scalars: list[Tensor]) -> tuple[list[Tensor], list[float]]:
+    """``tensors`` (each in its own dtype and shape) and the 0-d ``scalars`` (as floats) on the host, in one transfer
+    from their common device: the probe's read of its results."""
+    dtype = accumulation_dtype((tensors or scalars)[0].device)
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors] + [v.reshape(1).to(dtype) for v in scalars]).cpu()
+    *parts, values = flat.split([t.numel() for t in tensors] + [len(scalars)])
+    return [q.to(t.dtype).view(t.shape) for q, t in zip(parts, tensors)], values.tolist()
+
+
+class ExactGradient:
+    """G = Σ dYᵀ·X, kept in full on ``device``: out·in float32 values."""
+
+    def __init__(self, n_in: int, n_out: int, seed: int, *, device: Optional[torch.device] = None) -> None:
         self.n_in, self.n_out = n_in, n_out
-        self.G = torch.zeros(n_out, n_in)
+        self.G = torch.zeros(n_out, n_in, device=device)
 
     def add(self, x: Tensor, dy: Tensor) -> None:  # x (N, in), dy (N, out)
         self.G += dy.t() @ x  # (out, N) @ (N, in)
 
-    def spectrum(self) -> tuple[Tensor, float]:
+    def spectrum(self) -> tuple[Tensor, Tensor]:
+        """(singular values, ||G||²_F as a 0-d tensor), both on G's device."""
         s = torch.linalg.svdvals(self.G)  # (min(out, in),); float32 is ample for ranking directions
-        return s, float((self.G.double() ** 2).sum())
+        return s, (self.G.to(accumulation_dtype(self.G.device)) ** 2).sum()
 
 
 class SketchedGradient:
-    """Y = G·Ω (out, k) and Z = Ψ·G (l, in), l = 2k+1: O((in+out)·k) floats (Tropp et al. 2017, Alg. 7)."""
+    """Y = G·Ω (out, k) and Z = Ψ·G (l, in), l = 2k+1: O((in+out)·k) floats (Tropp et al. 2017, Alg. 7), on
+    ``device`` in its ``accumulation_dtype``."""
 
-    def __init__(self, n_in: int, n_out: int, seed: int, k: int = 32) -> None:
-        g = torch.Generator().manual_seed(seed)
+    def __init__(self, n_in: int, n_out: int, seed: int, k: int = 32, *,
+                 device: Optional[torch.device] = None) -> None:
+        device = torch.device(device or "cpu")
+        g, acc = device_generator(device, seed), accumulation_dtype(device)
         self.n_in, self.n_out = n_in, n_out
         self.k, n_rows = min(k, n_in, n_out), min(2 * k + 1, n_out)
-        self.Omega = torch.randn(n_in, self.k, generator=g, dtype=torch.float64)  # (in, k)
-        self.Psi = torch.randn(n_rows, n_out, generator=g, dtype=torch.float64)  # (l, out)
-        self.Y = torch.zeros(n_out, self.k, dtype=torch.float64)
-        self.Z = torch.zeros(n_rows, n_in, dtype=torch.float64)
+        self.Omega = torch.randn(n_in, self.k, generator=g, dtype=acc, device=device)  # (in, k)
+        self.Psi = torch.randn(n_rows, n_out, generator=g, dtype=acc, device=device)  # (l, out)
+        self.Y = torch.zeros(n_out, self.k, dtype=acc, device=device)
+        self.Z = torch.zeros(n_rows, n_in, dtype=acc, device=device)
 
     def add(self, x: Tensor, dy: Tensor) -> None:  # x (N, in), dy (N, out)
-        x, dy = x.double(), dy.double()
+        x, dy = x.to(self.Y.dtype), dy.to(self.Y.dtype)
         self.Y += dy.t() @ (x @ self.Omega)  # (out, N) @ (N, k) = G_batch·Ω
         self.Z += (dy @ self.Psi.t()).t() @ x  # (l, N) @ (N, in) = Ψ·G_batch
 
-    def spectrum(self) -> tuple[Tensor, float]:
+    def spectrum(self) -> tuple[Tensor, Tensor]:
+        """(the top k singular values, the estimated ||G||²_F as a 0-d tensor), both on the sketch's device."""
         Q = torch.linalg.qr(self.Y).Q  # (out, k): a basis of G's range
         core = torch.linalg.lstsq(self.Psi @ Q, self.Z).solution  # (k, in): G ≈ Q·core
         # E||G·Ω||² = k·||G||² and E||Ψ·G||² = l·||G||²: pool both estimates of the total energy
-        total = (float((self.Y ** 2).sum()) + float((self.Z ** 2).sum())) / (self.k + self.Z.shape[0])
+        total = ((self.Y ** 2).sum() + (self.Z ** 2).sum()) / (self.k + self.Z.shape[0])
         return torch.linalg.svdvals(core).float(), total
 
 
@@ -179,13 +211,17 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[dict], names: list[
     λ = tr(F_m) / (in·out), the mean eigenvalue of the module's Fisher information, from per-token gradients
     dy_t·x_tᵀ under labels sampled from the model (||dy_t x_tᵀ||² = ||dy_t||²·||x_t||²); 1.0 when ``logits_fn``
     (model, batch) -> (N, V) logits is None. The model is left unchanged: no requires_grad flag or .grad is touched.
+    All of it stays on the device of the first candidate's weight, λ as 0-d tensors: nothing is read back.
     """
-    accs, fisher, tokens = {}, {n: 0.0 for n in names}, 0
+    device = model.get_submodule(names[0]).weight.device
+    acc = accumulation_dtype(device)
+    accs, fisher, tokens = {}, {n: torch.zeros((), dtype=acc, device=device) for n in names}, 0
     for i, name in enumerate(names):
         module = model.get_submodule(name)
         n_in, n_out = in_out_features(module, "linear_t" if type(module).__name__ == "Conv1D" else "linear")
-        accs[name] = SketchedGradient(n_in, n_out, seed + i, sketch) if sketch else ExactGradient(n_in, n_out, 0)
-    gen = torch.Generator().manual_seed(seed)
+        accs[name] = (SketchedGradient(n_in, n_out, seed + i, sketch, device=device) if sketch
+                      else ExactGradient(n_in, n_out, 0, device=device))
+    gen = device_generator(device, seed)
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deterministic model
     try:
@@ -200,10 +236,10 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[dict], names: list[
                 logits = logits_fn(model, batch)  # (N, V)
                 tokens += logits.shape[0]
                 for name, x, dy in output_grads(sampled_label_loss(logits, gen), calls):
-                    fisher[name] += float(((dy.double() ** 2).sum(1) * (x.double() ** 2).sum(1)).sum())
+                    fisher[name] += ((dy.to(acc) ** 2).sum(1) * (x.to(acc) ** 2).sum(1)).sum()
     finally:
         model.train(was_training)
-    lam = {n: fisher[n] / (max(tokens, 1) * a.n_in * a.n_out) if logits_fn is not None else 1.0
+    lam = {n: fisher[n] / (max(tokens, 1) * a.n_in * a.n_out) if logits_fn is not None else fisher[n] + 1.0
            for n, a in accs.items()}
     return accs, lam
 
@@ -214,11 +250,9 @@ def gradient_spectra(model: nn.Module, batches: Iterable[dict], names: list[str]
     """name -> {"s": singular values of G, "energy": ||G||²_F, "fisher": λ} for each module in ``names`` (see
     ``accumulate_gradients``)."""
     accs, lam = accumulate_gradients(model, batches, names, loss_fn, sketch=sketch, seed=seed, logits_fn=logits_fn)
-    out = {}
-    for name, acc in accs.items():
-        s, energy = acc.spectrum()
-        out[name] = {"s": s, "energy": energy, "fisher": lam[name]}
-    return out
+    spectra = [accs[n].spectrum() for n in names]
+    s, values = to_host([s for s, _ in spectra], [e for _, e in spectra] + [lam[n] for n in names])
+    return {n: {"s": s[i], "energy": values[i], "fisher": values[len(names) + i]} for i, n in enumerate(names)}
 
 
 def newton_spectra(model: nn.Module, batches: list, names: list[str], loss_fn: Callable[[nn.Module, dict], Tensor],
@@ -234,11 +268,10 @@ def newton_spectra(model: nn.Module, batches: list, names: list[str], loss_fn: C
     diag = {n: len(batches) * lam[n] for n in names}
     mean_diag = sum(diag[n] * sizes[n] for n in names) / sum(sizes.values())  # tr(H) / dim, sampled
     step, info = newton_step(model, batches, {n: accs[n].G for n in names}, logits_fn, iters=iters,
-                             damping=damping * mean_diag,
-                             scale=diag)
-    out = {n: {"s": torch.linalg.svdvals(step[n]), "energy": float((step[n].double() ** 2).sum()), "fisher": lam[n]}
-           for n in names}
-    return out, info
+                             damping=damping * mean_diag, scale=diag)
+    energies = [(step[n].to(accumulation_dtype(step[n].device)) ** 2).sum() for n in names]
+    s, values = to_host([torch.linalg.svdvals(step[n]) for n in names], energies + [lam[n] for n in names])
+    return {n: {"s": s[i], "energy": values[i], "fisher": values[len(names) + i]} for i, n in enumerate(names)}, info
 
 
 # --- the probe -------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def add_probe_parser(sub) -> None:
                                    "batches, derive its effective rank and allocate LoRA ranks greedily by "
                                    "predicted loss decrease per parameter. Writes probe.yaml (for lorafit train "
                                    "--config), probe.json and spectra.png.")
-    add_run_flags(p)
+    add_run_flags(p, RUN_FLAGS + ("device",))
     p.add_argument("--budget", help="most adapter parameters, e.g. 500k (default: none; stop at --energy)")
     p.add_argument("--batches", type=positive_int, default=4, help="batches to accumulate (default: 4)")
     p.add_argument("--energy", type=float, default=0.9, help="share of the spectral energy / predicted gain to "
