@@ -43,7 +43,10 @@ def argv(command: str, f: dict, out) -> list:
     return {"eval": ["eval", *model, "--data", f["data"], "--max-length", 32],
             "generate": ["generate", *model, "--prompt", "the movie was", "--max-new-tokens", 4],
             "chat": ["chat", *model, "--max-new-tokens", 4],
-            "merge": ["merge", *model, "--output", out]}[command]
+            "merge": ["merge", *model, "--output", out],
+            "plan": ["plan", "--model", f["model"]],
+            "suggest": ["suggest", "--model", f["model"]],
+            "train": ["train", "--model", f["model"], "--data", f["data"], "--output", out, "--steps", 1]}[command]
 
 
 @pytest.fixture
@@ -79,7 +82,7 @@ class Loaded(Exception):
     """Raised by the stand-in for from_pretrained: the command got as far as loading a model."""
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS + ("plan", "suggest", "train"))
 @pytest.mark.parametrize("device, gpus, message", ABSENT, ids=[a[0] for a in ABSENT])
 def test_an_absent_device_is_one_error_line_before_any_work(files, capsys, tmp_path, monkeypatch, machine, command,
                                                             device, gpus, message):

@@ -63,11 +63,14 @@ def test_the_walk_finds_every_command_that_takes_model():
 
 
 def test_the_walk_finds_every_command_that_takes_device():
-    """eval, generate, chat and merge build it in cli.common; train, sweep and tune generate it from TrainConfig."""
+    """eval, generate, chat, merge, plan and suggest build it in cli.common; train, probe, sweep and tune generate
+    it from TrainConfig. Every command that loads or plans a model takes it."""
+    built = ("eval", "generate", "chat", "merge", "plan", "suggest")
+    generated = ("train", "probe", "sweep", "tune")
     takers = {name: a for name, p in commands().items() for a in p._actions if "--device" in a.option_strings}
-    assert set(takers) == {"train", "sweep", "tune", "eval", "generate", "chat", "merge"}
-    assert {name: a.default for name, a in takers.items() if name not in ("train", "sweep", "tune")} == \
-        dict.fromkeys(("eval", "generate", "chat", "merge"), "auto")  # train's is unset: its config may name one
+    assert set(takers) == {*built, *generated}
+    assert {name: a.default for name, a in takers.items() if name in built} == dict.fromkeys(built, "auto")
+    # the generated ones are unset: a config file may name the device
 
 
 def test_max_new_tokens_refuses_zero_everywhere(capsys):

@@ -32,7 +32,10 @@ def _default(name: str):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..advise.plan import plan_report
+    from ..devices import resolve_device
+    from ..train.train_config import default_dtype
 
+    device, _ = resolve_device(args.device)  # the memory planned is that device's: GPU memory on CUDA
     settings = read_yaml(args.config) if args.config else {}
     lora = {**default_lora().to_dict(), **(settings.get("lora") or {})}
     flags = {"r": args.rank, "target_modules": args.target_modules, "use_dora": args.use_dora or None}
@@ -46,10 +49,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     quantize = pick("quantize")
     if quantize not in (None, *FORMATS):
         raise ConfigError(f"quantize={quantize!r} is invalid: expected {', '.join(FORMATS)} or null")
-    dtype = args.dtype or settings.get("dtype") or ("bfloat16" if quantize else _default("dtype"))
+    dtype = args.dtype or settings.get("dtype") or default_dtype(demo=False, quantize=quantize, device=device)[0] \
+        or _default("dtype")  # as lorafit train picks it on that device
     print(plan_report(args.model, LoraConfig.from_dict(lora), batch_size=pick("batch_size"),
                       max_length=pick("max_length"), dtype=dtype, gradient_checkpointing=checkpointing,
-                      as_json=args.json, quantize=quantize))
+                      as_json=args.json, quantize=quantize, device=device))
     return 0
 
 
@@ -104,12 +108,14 @@ def add_plan_parser(sub) -> None:
                    f"(default: {_default('batch_size')} or the config's)")
     add_max_length_flag(p, default=None, shown=f"{_default('max_length')} or the config's")
     p.add_argument("--dtype", choices=list(DTYPES),
-                   help="base weights dtype (default: the config's, else bfloat16 with --quantize, else float32)")
+                   help="base weights dtype (default: the config's, else what lorafit train picks on the device: "
+                   "bfloat16 with --quantize or on a GPU with bf16 units, else float32)")
     p.add_argument("--quantize", choices=FORMATS, help="plan over an nf4/int8 base, as lorafit train --quantize "
                    "(default: the config's, else none)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation recomputation "
                    "(default: off)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
+    add_device_flag(p, "the device whose memory is planned (CUDA: GPU memory against its free memory)")
     p.set_defaults(func=cmd_plan, needs=("transformers", "yaml"))
 
 

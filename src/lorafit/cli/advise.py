@@ -2,7 +2,7 @@
 lorafit.advise).
 
     lorafit suggest --model DIR [--complexity simple|complex] [--memory-budget 8GB] [--param-budget N]
-                    [--goal quality|efficiency] [--output cfg.yaml]
+                    [--goal quality|efficiency] [--device auto] [--output cfg.yaml]
     lorafit probe   [--model DIR --data FILE] [--budget PARAMS] [--batches 4] [--output DIR]
     lorafit sweep   [--model DIR --data FILE] --grid "r=4,8;targets=qv,all-linear" [--include-suggested]
                     [--include-probed [probe.yaml]] [--steps 30] [--output DIR]
@@ -23,9 +23,11 @@ from ..files import read_json, write_json
 from .common import (
     EMBEDDED_MODEL,
     RUN_NEEDS,
+    add_device_flag,
     add_max_length_flag,
     add_model_flag,
     add_output_flag,
+    device_line,
     non_negative_int,
     positive_int,
     read_yaml,
@@ -40,17 +42,20 @@ from .train import RUN_FLAGS, add_run_flags, run_settings
 def cmd_suggest(args: argparse.Namespace) -> int:
     from ..advise.plan import current_rss
     from ..advise.suggest import suggest
+    from ..devices import resolve_device
     from ..hf import meta_model
 
+    device, why = resolve_device(args.device)  # an absent device: exit 2 before any work
     model_dir = args.model
     require_demo("suggest", model_dir)
+    print(device_line(device, why=why))
     if model_dir is None:
         from ..demo.assets import smollm2
         model_dir = smollm2()
     model = meta_model(model_dir)
     s = suggest(model, complexity=args.complexity, memory_budget=args.memory_budget,
                 param_budget=args.param_budget, goal=args.goal, batch_size=args.batch_size,
-                max_length=args.max_length, runtime=current_rss())
+                max_length=args.max_length, runtime=current_rss(), device=device)
     cfg = s.config
     print(f"suggested LoRA config for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha:g} "
           f"target_modules={cfg.target_modules!r}" + (" use_dora=true" if cfg.use_dora else "")
@@ -164,13 +169,15 @@ def add_suggest_parser(sub) -> None:
     add_model_flag(p, default=EMBEDDED_MODEL)
     p.add_argument("--complexity", choices=["simple", "complex"], help="task complexity (default: unknown, "
                    "treated as simple; `lorafit probe` measures it)")
-    p.add_argument("--memory-budget", help="peak training memory allowed, e.g. 8GB or 512MB (default: none)")
+    p.add_argument("--memory-budget", help="peak training memory allowed, e.g. 8GB or 512MB (default: the GPU's "
+                   "free memory on CUDA, else none)")
     p.add_argument("--param-budget", help="most adapter parameters, e.g. 2M or 500k (default: none)")
     p.add_argument("--goal", choices=["quality", "efficiency"], default="quality", help="what matters more "
                    "(default: quality)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="training batch for the memory check "
                    "(default: 8)")
     add_max_length_flag(p, "what the memory check assumes")
+    add_device_flag(p, "the memory check estimates its memory (a GPU's, or the CPU's peak RSS)")
     add_output_flag(p, "a YAML config for `lorafit train --config`", default="print only")
     p.set_defaults(func=cmd_suggest, needs=("transformers", "yaml"))
 
