@@ -192,7 +192,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     (bit for bit on the CPU's sdpa, measured), while transformers, given a mask, reads it back every forward to see
     whether it pads.
     """
-    if "label_cols" not in batch:
+    if "labels" in batch and "label_cols" not in batch:
         batch = {**batch, **label_positions(batch["labels"])}
     mask = batch.get("attention_mask")
     if mask is not None and mask.device.type == "cpu" and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right only

@@ -146,7 +146,8 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False
         sums[1] += targets.numel()
         if choice_ids is not None:
             answers = logits.index_select(0, batch["label_first"])  # (B, V): the logits of each answer's first token
-            gold = torch.tensor([task.choices.index(e["completion"]) for e in chunk], device=device)
+            gold = to_device({"gold": torch.tensor([task.choices.index(e["completion"]) for e in chunk])},
+                             device)["gold"]  # pinned and non_blocking, as the batch
             sums[2] += (answers[:, choice_ids].argmax(1) == gold).sum()
     model.train(was_training)
     total, count, correct = D.all_sum_tensor(sums, d).tolist()
@@ -226,7 +227,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: t
     if cfg.quantize:
         check_device(cfg.quantize, device)
     d = D.init_distributed(cfg.dist_timeout, device)
-    summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why, notes=notes)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why, notes=notes)
+    finally:  # _run may have turned TF32 on for a float32 CUDA run: the caller's process gets its setting back
+        torch.set_float32_matmul_precision(precision)
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
     # reducer holds the process group) is freed while every peer is still there, then leave the group together.
     gc.collect()

@@ -58,7 +58,7 @@ def train_step(state, batches, step: int) -> StepNumbers:
     skips this update and every later one until ``read_steps`` stops the run."""
     cfg, d, device, scaler = state.cfg, state.d, state.device, getattr(state, "scaler", None)
     micro, local_tokens = _micro_batches(state, batches)
-    tokens = D.all_sum_tensor(torch.tensor(float(local_tokens), device=device), d)
+    tokens = D.all_sum_tensor(torch.full((), float(local_tokens), device=device), d)  # a fill: no host copy
     scale = d.world / tokens.clamp_min(1.0)  # the step's loss is the mean over all its tokens; DDP averages ranks
     loss = torch.zeros((), device=device)
     for k, batch in enumerate(micro):
