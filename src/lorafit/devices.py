@@ -91,3 +91,10 @@ def device_label(device: torch.device, dtype: Optional[torch.dtype] = None) -> s
     if dtype is not None:
         parts.append(str(dtype).removeprefix("torch."))
     return f"{device}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def accumulation_dtype(device) -> torch.dtype:
+    """float64 for sums of many terms (losses, Fisher traces, sketches, dot products), float32 where the device has no
+    float64 (Apple's MPS): float32 sums of n terms err by at most ~n·2⁻²⁴ relative, pairwise ones by ~log2(n)·2⁻²⁴
+    (what that does to a probe: lorafit.advise.probe; to DoRA's norms: lorafit.fused.row_sq_norms)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64

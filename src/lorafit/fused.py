@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .devices import accumulation_dtype
 from .tensors import dense, is_quantized, linear_dequantizes
 
 SHARE_DROPOUT = os.environ.get("LORAFIT_SHARE_DROPOUT", "1") != "0"
@@ -278,8 +279,7 @@ def row_sq_norms(W0: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     float32 where the device has no float64 (Apple's MPS). A float32 sum of ``in`` squares errs by at most
     ~in·2⁻²⁴ relative (2.4e-4 at in = 4096); measured on the CPU over 4096-wide rows (Gaussian, bfloat16 and
     Student-t weights): 1e-6 with torch's float32 vector_norm, 8e-6 summed one term at a time."""
-    acc = torch.float32 if W0.device.type == "mps" else torch.float64
-    return torch.linalg.vector_norm(dense(W0), dim=1, dtype=acc).square().to(dtype)
+    return torch.linalg.vector_norm(dense(W0), dim=1, dtype=accumulation_dtype(W0.device)).square().to(dtype)
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@
   with the innermost lorafit frame that called it, over 20 steps of a tiny Llama (LoRA, RSLoRA and DoRA, dropout
   0.1). ``fused.HOST_LOOKUP`` is emptied, so DoRA runs as on an accelerator. The only reads in a step are on host
   tensors, named below with their reason; ``read_steps`` reads once per ``log_every`` steps.
-* The meta device: the same step with every weight and batch on ``meta``, whose tensors cannot be read at all, and
-  whose every new tensor must follow the model's device (a CPU tensor mixed in fails).
+* The meta device: the same step, an evaluation and mixed-adapter batches (``per_row``) with every weight and batch
+  on ``meta``, whose tensors cannot be read at all, and whose every new tensor must follow the model's device (a CPU
+  tensor mixed in fails). probe's own meta and sync tests are in tests/advise/test_probe_device.py.
 * A lint: no ``.item()``, ``.tolist()``, ``.numpy()``, ``.cpu()``, ``float/int/bool(tensor expression)`` or
   ``if t.any()`` in the modules a step runs, except the allow-listed lines, each with its reason.
 """
@@ -152,6 +153,44 @@ def test_a_step_on_the_meta_device_reads_nothing_and_creates_nothing_elsewhere(v
         assert {numbers.loss_sum.device.type, numbers.tokens.device.type, numbers.norm.device.type} == {"meta"}
     assert all(q.grad is None for q in state.params)  # zero_grad ran
     assert state.optimizer.found_inf.device.type == "meta"
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_evaluation_on_the_meta_device_reads_only_its_final_sums(variant, monkeypatch):
+    """Every batch of an evaluation runs on ``meta``; the one read is of the three sums at the end (handed here to
+    a stand-in that returns CPU zeros in their place)."""
+    state = _meta_state(variant, 0.1)
+    seen = []
+    monkeypatch.setattr(loop.D, "all_sum_tensor", lambda t, d: seen.append(t) or torch.zeros(3))
+    task = SimpleNamespace(eval=[{"prompt": "Review: good\nSentiment:", "completion": "p"}] * 3,
+                           choices=["n", "p"])  # one token each: the accuracy is scored too
+    tok = _Tok()
+    cfg = TrainConfig(batch_size=2, max_length=16, lora=dict(r=4))
+    assert loop.evaluate(state.model, tok, task, cfg) == {"eval_loss": 0.0, "eval_accuracy": 0.0}
+    assert len(seen) == 1 and seen[0].device.type == "meta" and seen[0].shape == (3,)
+
+
+class _Tok:
+    """A stand-in tokenizer: one token per character."""
+
+    pad_token_id, eos_token_id, chat_template = 0, 2, None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [3 + ord(c) % 120 for c in text]}
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_mixed_adapter_batches_on_the_meta_device(variant):
+    """per_row: each row its own adapter (or the base), both schedules (long rows and one-token rows), on meta."""
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorafit.attach(model, lorafit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 use_dora=variant == "dora"), name=name)
+    model = model.to("meta").eval()
+    for length in (12, 1):
+        ids = torch.zeros(3, length, dtype=torch.long, device="meta")
+        with torch.no_grad(), lorafit.per_row(model, ["a", None, "b"]):
+            assert model(input_ids=ids).logits.device.type == "meta"
 
 
 # --- the lint ------------------------------------------------------------------------------------------------------

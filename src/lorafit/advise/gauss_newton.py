@@ -33,14 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..devices import accumulation_dtype
+
 Deltas = dict[str, Tensor]  # module name -> (out, in)
-
-
-def accumulation_dtype(device: torch.device) -> torch.dtype:
-    """float64 for sums of many terms (Fisher traces, sketches, dot products), float32 where the device has no
-    float64 (Apple's MPS): float32 sums of n terms err by at most ~n·2⁻²⁴ relative, pairwise ones by ~log2(n)·2⁻²⁴;
-    lorafit.advise.probe states what that does to a probe."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 @contextmanager

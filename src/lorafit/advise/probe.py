@@ -61,12 +61,13 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..devices import accumulation_dtype
 from ..errors import ConfigError
 from ..files import write_figure
 from ..layers import in_out_features
 from ..lora_config import LoraConfig
 from ..targets import select_targets
-from .gauss_newton import accumulation_dtype, newton_step, output_grads, recorded_calls
+from .gauss_newton import newton_step, output_grads, recorded_calls
 from .results import pyplot
 from .suggest import LORA_ALPHA
 

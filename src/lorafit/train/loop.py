@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import peft_format
-from ..devices import device_label, resolve_device
+from ..devices import accumulation_dtype, device_label, resolve_device
 from ..errors import DataError, TrainingError
 from ..files import read_json, write_json, write_text
 from ..hf import (
@@ -133,7 +133,8 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, progress: bool = False
         ids = [tok(c, add_special_tokens=False)["input_ids"] for c in task.choices]
         choice_ids = [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
     device = d.device if d.enabled else model_device(model)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, correct answers: read once, at the end
+    # loss, tokens, correct answers: summed on the device, read once at the end
+    sums = torch.zeros(3, dtype=accumulation_dtype(device), device=device)
     for i in tqdm(range(0, len(examples), cfg.batch_size), desc="evaluating", disable=not progress, leave=False):
         chunk = examples[i:i + cfg.batch_size]
         rows, _ = tokenize_all(chunk, tok, cfg.max_length, cfg.add_eos, train_on_prompt=cfg.train_on_prompt)
