@@ -448,9 +448,10 @@ def log_steps(state: RunState, records: list[dict], bar) -> None:
     for record in records:
         state.log(record)
         step, loss = record["step"], record["loss"]
-        bar.set_postfix(loss=f"{loss:.4f}")
         if state.quiet and (step % max(1, state.steps // 10) == 0 or step == state.steps):
             state.say(f"step {step}/{state.steps} loss {loss:.4f}")
+    if records:
+        bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
 
 
 def finish(state: RunState, before: dict) -> dict:
