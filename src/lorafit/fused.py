@@ -102,8 +102,9 @@ def keep_bits(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
     of 2¹⁶ words, where torch's mt19937 ``random_`` is serial and ``bernoulli_`` slower still); a 16-bit integer r is
     kept iff r >= round(p·2¹⁶) - 2¹⁵, compared into int16 and narrowed into the mask's bytes, because a compare
     straight into bool is about 10x slower (timings: docs/performance.md). A 16-bit float mask is the compare's
-    0/1 times the bit pattern of 1.0, written into the mask's int16 view. The same integer arithmetic on every device
-    and CPU kernel, so the same mask.
+    0/1 times the bit pattern of 1.0, written into the mask's int16 view. The same integer arithmetic on every CPU
+    kernel, so the same mask; off the CPU (``SPLITMIX_DEVICES``) one Bernoulli kernel of the device's generator
+    draws it instead (``_device_keep_bits``), so masks differ between device types.
     """
     if torch.device(device).type not in SPLITMIX_DEVICES:
         return _device_keep_bits(seed, shape, p, torch.device(device), dtype)

@@ -208,15 +208,6 @@ def all_sum_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def all_sum(values: list[float], d: Dist) -> list[float]:
-    """Sum a few numbers across ranks (identity on one process)."""
-    if not d.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

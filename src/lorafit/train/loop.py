@@ -351,7 +351,9 @@ def training_set(state: RunState) -> None:
             raise DataError(f"--pack joins text examples into blocks; {cfg.data or 'the task'} is not {{\"text\"}} "
                             "data (prompt/completion and conversations keep one example per row)")
         state.train_set = pack(state.train_set, cfg.max_length, state.tok.eos_token_id)
-    if not any(lab != IGNORE for ex in state.train_set for lab in ex["labels"][1:]):
+    for ex in state.train_set:  # counted once here, added up by every step (steps.labelled_tokens)
+        ex["n_labels"] = sum(label != IGNORE for label in ex["labels"][1:])
+    if not any(ex["n_labels"] for ex in state.train_set):
         raise DataError(f"no training example of {cfg.data or 'the task'} has a token to predict (each needs at "
                         "least 2 tokens, or a non-empty completion); add longer examples")
     global_batch = cfg.batch_size * d.world

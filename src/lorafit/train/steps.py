@@ -31,7 +31,7 @@ class StepNumbers:
     lr: float
     elapsed: float
     loss_sum: torch.Tensor  # () this rank's summed token loss
-    tokens: torch.Tensor  # () labelled tokens of the global batch
+    tokens: int  # labelled tokens of the global batch
     norm: torch.Tensor  # () gradient norm before clipping
 
 
@@ -40,26 +40,34 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return optimizer.defaults.get("fused") is True
 
 
+def labelled_tokens(row: dict) -> int:
+    """The tokens of an example that carry a loss (position t predicts token t+1, so its first label never counts):
+    ``loop.training_set`` stores it as ``n_labels``, so that a step adds numbers instead of walking labels."""
+    n = row.get("n_labels")
+    return n if n is not None else sum(label != IGNORE for label in row["labels"][1:])
+
+
 def _micro_batches(state, batches) -> tuple[list[dict], int]:
-    """This rank's ``grad_accum`` collated micro-batches (on the host), and their labelled tokens, counted from the
-    examples' label lists (position t predicts token t+1, so the first label never counts)."""
+    """This rank's ``grad_accum`` collated micro-batches (on the host), and the labelled tokens of the whole global
+    batch: every rank draws the same global indices, so each knows the total without an all-reduce."""
     cfg, d = state.cfg, state.d
     micro, tokens = [], 0
     for _ in range(cfg.grad_accum):
-        rows = [state.train_set[i] for i in next(batches)[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]]
+        idx = next(batches)  # the global micro-batch, every rank's rows
+        tokens += sum(labelled_tokens(state.train_set[i]) for i in idx)
+        rows = [state.train_set[i] for i in idx[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]]
         micro.append(collate(rows, state.tok.pad_token_id))
-        tokens += sum(label != IGNORE for row in rows for label in row["labels"][1:])
     return micro, tokens
 
 
 def train_step(state, batches, step: int) -> StepNumbers:
     """One optimizer step over ``grad_accum`` micro-batches: the loss is the mean over every labelled token of the
     global batch. Nothing is read back from the device; a non-finite loss or gradient sets ``state.bad``, which
-    skips this update and every later one until ``read_steps`` stops the run."""
+    skips this update and every later one until ``read_steps`` stops the run (float16: an overflowing gradient is
+    the scaler's to skip, and to lower its scale)."""
     cfg, d, device, scaler = state.cfg, state.d, state.device, getattr(state, "scaler", None)
-    micro, local_tokens = _micro_batches(state, batches)
-    tokens = D.all_sum_tensor(torch.full((), float(local_tokens), device=device), d)  # a fill: no host copy
-    scale = d.world / tokens.clamp_min(1.0)  # the step's loss is the mean over all its tokens; DDP averages ranks
+    micro, tokens = _micro_batches(state, batches)
+    scale = d.world / max(tokens, 1)  # the step's loss is the mean over all its tokens; DDP averages the ranks'
     loss = torch.zeros((), device=device)
     for k, batch in enumerate(micro):
         sync = k == len(micro) - 1 or state.strategy != "ddp"
@@ -73,21 +81,17 @@ def train_step(state, batches, step: int) -> StepNumbers:
     norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduced over the ranks into a plain tensor, on the device
         norm = norm.full_tensor()
-    if scaler is not None:  # float16: an overflowing step is the scaler's to skip (and lower the scale), not a stop
-        state.bad |= ~torch.isfinite(loss)
+    if scaler is not None:
         scaler.step(state.optimizer)  # fused AdamW takes the scaler's found_inf: no host read
         scaler.update()
         state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        return StepNumbers(step, state.scheduler.get_last_lr()[0], time.time() - state.t0, loss, tokens, norm)
-    state.bad |= ~torch.isfinite(loss) | ~torch.isfinite(norm)
-    if skips_on_device(state.optimizer):
-        state.optimizer.found_inf = state.bad.float()  # the fused kernel skips the update where it is 1
-    elif state.bad.item():  # read every step: this optimizer cannot skip on the device
-        state.optimizer.zero_grad(set_to_none=True)
-        return StepNumbers(step, state.scheduler.get_last_lr()[0], time.time() - state.t0, loss, tokens, norm)
-    state.optimizer.step()
-    state.scheduler.step()
+    else:
+        state.bad |= ~torch.isfinite(loss) | ~torch.isfinite(norm)
+        if skips_on_device(state.optimizer):
+            state.optimizer.found_inf = state.bad.float()  # the fused kernel skips the update where it is 1
+        if skips_on_device(state.optimizer) or not state.bad.item():  # else read every step: it cannot skip
+            state.optimizer.step()
+            state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     return StepNumbers(step, state.scheduler.get_last_lr()[0], time.time() - state.t0, loss, tokens, norm)
 
@@ -99,10 +103,10 @@ def read_steps(state, pending: list[StepNumbers]) -> list[dict]:
     if not pending:
         return []
     losses = D.all_sum_tensor(torch.stack([p.loss_sum for p in pending]), state.d)
-    rows = torch.stack([losses, torch.stack([p.tokens for p in pending]),
-                        torch.stack([p.norm.float() for p in pending])]).tolist()  # the interval's one host read
+    rows = torch.stack([losses, torch.stack([p.norm.float() for p in pending])]).tolist()  # the interval's one read
     records = []
-    for p, loss_sum, tokens, norm in zip(pending, *rows):
+    for p, loss_sum, norm in zip(pending, *rows):
+        tokens = p.tokens
         if not math.isfinite(loss_sum):
             raise state.stopping(f"loss became {loss_sum}", p.step, before_update=True)
         skipped = not math.isfinite(norm) and getattr(state, "scaler", None) is not None  # float16 overflow
