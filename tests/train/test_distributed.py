@@ -352,3 +352,18 @@ def test_a_dead_rank_under_load_repeatedly(setup, strategy):
     finally:
         for p in load:
             p.kill()
+
+
+def test_torchrun_on_mps_is_refused_before_joining(monkeypatch):
+    """One Mac has one MPS device, and gloo reduces CPU tensors only: several processes on mps are a ConfigError
+    (exit 2) before any process group forms."""
+    import torch
+
+    from lorafit.errors import ConfigError
+    from lorafit.train import distributed as D
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(D.dist, "init_process_group", lambda *a, **kw: pytest.fail("joined a process group"))
+    with pytest.raises(ConfigError, match="torchrun with 2 processes on mps"):
+        D.init_distributed(60, torch.device("mps"))

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError
 from ..hf import unwrap  # noqa: F401 - part of this module's interface (wrap / unwrap)
 from ..tensors import is_quantized
 from .train_config import STRATEGIES
@@ -54,6 +55,9 @@ def init_distributed(timeout_s: float = 300, device: torch.device | None = None)
     if world <= 1:
         return Dist(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "mps":  # gloo reduces CPU tensors only, and one Mac has one MPS device
+        raise ConfigError(f"torchrun with {world} processes on mps: there is one MPS device and no collective "
+                          "backend for it; run one process (plain `lorafit train`), or --device cpu under torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
