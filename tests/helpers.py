@@ -290,3 +290,57 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# --- counting host reads (the sync counter of tests/train/test_device_syncs.py and tests/advise/test_probe_device.py)
+
+def _lorafit_frame() -> str:
+    """The innermost frame in src/lorafit that led here, as 'module.py:function'."""
+    import traceback
+
+    import lorafit
+
+    src = Path(lorafit.__file__).parent
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename)
+        if src in path.parents:
+            return f"{path.relative_to(src).as_posix()}:{frame.name}"
+    return "outside lorafit"
+
+
+def counted_reads(fn, log: list):
+    """fn, with every host read while it runs counted into a new Counter ({lorafit frame: reads}) appended to
+    ``log``: ``aten._local_scalar_dense`` (``.item()``, ``float(t)``, ``if t``) and ``aten.nonzero`` through a
+    dispatch mode, and ``Tensor.tolist`` (which the CPU answers without dispatch) through a function mode."""
+    from collections import Counter
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self, seen: Counter):
+            super().__init__()
+            self.seen = seen
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                self.seen[_lorafit_frame()] += 1
+            return func(*args, **(kwargs or {}))
+
+    class ListReads(TorchFunctionMode):
+        def __init__(self, seen: Counter):
+            super().__init__()
+            self.seen = seen
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.tolist:
+                self.seen[_lorafit_frame()] += 1
+            return func(*args, **(kwargs or {}))
+
+    def wrapper(*args, **kwargs):
+        seen = Counter()
+        with Reads(seen), ListReads(seen):
+            out = fn(*args, **kwargs)
+        log.append(seen)
+        return out
+    return wrapper

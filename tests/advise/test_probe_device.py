@@ -15,19 +15,15 @@
 
 from __future__ import annotations
 
-import traceback
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import lorafit
-from helpers import make_data, make_model_dir, run_cli, tiny_llama
+from helpers import counted_reads, make_data, make_model_dir, run_cli, tiny_llama
 from lorafit import ConfigError, LoraConfig
 from lorafit.advise import gauss_newton, probe_task
 from lorafit.advise import probe as probe_module
@@ -36,7 +32,6 @@ from lorafit.advise.probe import accumulate_gradients, probe
 from lorafit.targets import select_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SRC = Path(lorafit.__file__).parent
 
 
 def lm_loss(model, batch):
@@ -107,48 +102,6 @@ def test_the_gauss_newton_product_makes_every_tensor_on_the_models_device():
 
 # --- host reads -----------------------------------------------------------------------------------------------------
 
-def _lorafit_frame() -> str:
-    """The innermost frame in src/lorafit that led here, as 'module.py:function'."""
-    for frame in reversed(traceback.extract_stack()):
-        path = Path(frame.filename)
-        if SRC in path.parents:
-            return f"{path.relative_to(SRC).as_posix()}:{frame.name}"
-    return "outside lorafit"
-
-
-class Reads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-            self.seen[_lorafit_frame()] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class ListReads(TorchFunctionMode):
-    def __init__(self, seen: Counter):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.tolist:
-            self.seen[_lorafit_frame()] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _counted(fn, log: list):
-    """fn, with every read while it runs counted into a new Counter appended to ``log``."""
-    def wrapper(*args, **kwargs):
-        reads = Reads()
-        with reads, ListReads(reads.seen):
-            out = fn(*args, **kwargs)
-        log.append(reads.seen)
-        return out
-    return wrapper
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("probe-device")
@@ -166,7 +119,7 @@ def test_the_probe_reads_back_once_whatever_the_number_of_batches(files, monkeyp
     host) over 2 and over 4 batches of the tiny checkpoint, through the CLI's default loss and curvature."""
     log: list[Counter] = []
     for fn in ("gradient_spectra", "newton_spectra"):
-        monkeypatch.setattr(probe_module, fn, _counted(getattr(probe_module, fn), log))
+        monkeypatch.setattr(probe_module, fn, counted_reads(getattr(probe_module, fn), log))
     for n in (2, 4):
         probe_task.run_probe(settings(files), batches=n, newton=newton, say=lambda msg: None)
     want = {"advise/probe.py:to_host": 1}

@@ -15,18 +15,15 @@
 from __future__ import annotations
 
 import ast
-import traceback
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorafit
-from helpers import make_data, make_model_dir, tiny_llama
+from helpers import counted_reads, make_data, make_model_dir, tiny_llama
 from lorafit import fused
 from lorafit.train import loop, steps
 from lorafit.train.data import batch_indices
@@ -43,48 +40,6 @@ HOST_READS = {
 }
 
 
-def _lorafit_frame() -> str:
-    """The innermost frame in src/lorafit that led here, as 'module.py:function'."""
-    for frame in reversed(traceback.extract_stack()):
-        path = Path(frame.filename)
-        if SRC in path.parents:
-            return f"{path.relative_to(SRC).as_posix()}:{frame.name}"
-    return "outside lorafit"
-
-
-class Reads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-            self.seen[_lorafit_frame()] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class ListReads(TorchFunctionMode):
-    def __init__(self, seen: Counter):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.tolist:
-            self.seen[_lorafit_frame()] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _counted(fn, log: list):
-    """fn, with every read while it runs counted into a new Counter appended to ``log``."""
-    def wrapper(*args, **kwargs):
-        reads = Reads()
-        with reads, ListReads(reads.seen):
-            out = fn(*args, **kwargs)
-        log.append(reads.seen)
-        return out
-    return wrapper
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("syncs")
@@ -97,8 +52,8 @@ def test_a_step_reads_only_host_tensors_and_the_loop_reads_once_per_interval(fil
     model_dir, data = files
     monkeypatch.setattr(fused, "HOST_LOOKUP", ())  # DoRA as on an accelerator: no lookup of zero magnitudes
     step_reads, interval_reads = [], []
-    monkeypatch.setattr(loop, "train_step", _counted(steps.train_step, step_reads))
-    monkeypatch.setattr(loop, "read_steps", _counted(steps.read_steps, interval_reads))
+    monkeypatch.setattr(loop, "train_step", counted_reads(steps.train_step, step_reads))
+    monkeypatch.setattr(loop, "read_steps", counted_reads(steps.read_steps, interval_reads))
     lora = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, use_rslora=variant == "rslora",
                 use_dora=variant == "dora")
     cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "run"), steps=20, log_every=10,
