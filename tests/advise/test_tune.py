@@ -218,6 +218,7 @@ def test_a_killed_study_resumes_and_reruns_the_interrupted_trial_only(files, tmp
     assert sorted(t.number for t in done) == [0, 2, 3]
 
 
+@pytest.mark.slow  # 19 s; the killed-study test covers one worker's resume by default
 def test_two_workers_on_one_sqlite_file_share_the_trials_and_the_seeded_reruns(files, tmp_path):
     out = tmp_path / "shared"
     # a 5 s heartbeat: no trial is taken over because a busy machine delayed its worker's heartbeat

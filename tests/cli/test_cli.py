@@ -79,6 +79,7 @@ def _adapter(path):
     return load_file(path / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # 22 s: a real kill (README: opt-in); tests/train/test_faults.py kills saves in the default run
 def test_resume_after_sigkill_matches_uninterrupted_run(model_dir, data, tmp_path):
     args = ["train", "--model", model_dir, "--data", data, "--save-every", "4", "--lora-dropout", "0.1",
             "--steps", "16", "--batch-size", "4", "--max-length", "48", "--quiet"]

@@ -72,7 +72,7 @@ def test_ddp_equals_single_process_with_the_same_global_batch(setup, ddp_run):
     assert state["max_rank_divergence"] == 0.0  # both ranks hold identical adapters
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])  # 20 s each: one by default
 def test_ddp_over_a_quantized_base_equals_single_process(setup, fmt):
     """--quantize under torchrun: "auto" picks DDP (FSDP2 is refused, tests/cli/test_quantize_cli.py), every rank
     quantizes the same checkpoint to the same codes, and 2 ranks x batch 2 train the adapter a single process trains
@@ -124,7 +124,7 @@ def test_fsdp_trains_and_saves_a_peft_loadable_adapter(setup, ddp_run):
 DEAD_RANK_STEPS = 60
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # 40 s each
 def test_a_dead_rank_fails_the_job_and_resume_matches_the_uninterrupted_run(setup, strategy):
     model, data, root = setup
     out, whole = root / f"killed-{strategy}", root / f"whole-{strategy}"
