@@ -150,17 +150,38 @@ def make_tokenizer():
 def make_model_dir(path: Path, seed: int = 0, *, hidden: int = 64, intermediate: int = 128, heads: int = 4,
                    kv_heads: int = 2, positions: int = 256) -> Path:
     """A tiny Llama checkpoint folder (config, safetensors, the tiny tokenizer)."""
-    import torch
+    return _save_with_tokenizer(path, lambda tok: _llama(tok, seed, hidden, intermediate, heads, kv_heads, positions))
+
+
+def make_moe_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE checkpoint folder (4 experts, top 2) with the tiny tokenizer."""
+    import transformers as tf
+
+    def build(tok):
+        torch.manual_seed(seed)
+        cfg = tf.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, max_position_embeddings=256, bos_token_id=1,
+                                eos_token_id=2, pad_token_id=2)
+        return tf.Qwen3MoeForCausalLM(cfg)
+    return _save_with_tokenizer(path, build)
+
+
+def _save_with_tokenizer(path: Path, build) -> Path:
+    tok = make_tokenizer()
+    build(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _llama(tok, seed, hidden, intermediate, heads, kv_heads, positions):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = make_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return LlamaForCausalLM(cfg)
 
 
 def make_data(path: Path, n: int = 64, kind: str = "pc", seed: int = 0) -> Path:
@@ -344,3 +365,31 @@ def counted_reads(fn, log: list):
         log.append(seen)
         return out
     return wrapper
+
+
+def tiny_moe(family: str = "qwen3_moe", seed: int = 0, experts: int = 4):
+    """A tiny random mixture-of-experts causal LM built with transformers' own classes: Qwen3-MoE (experts
+    (E, 2I, H) and (E, H, I)), Mixtral (the same layout) or gpt-oss (transposed (E, in, out), with biases)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, head_dim=8)
+    if family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=experts,
+                                num_experts_per_tok=2, **common)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(intermediate_size=16, num_local_experts=experts, num_experts_per_tok=2, **common)
+        model = tf.MixtralForCausalLM(cfg)
+    elif family == "gpt_oss":
+        cfg = tf.GptOssConfig(intermediate_size=16, num_local_experts=experts, num_experts_per_tok=2,
+                              layer_types=["full_attention"] * 2, **common)
+        model = tf.GptOssForCausalLM(cfg)
+        with torch.no_grad():  # random experts and biases (gpt-oss initialises some of them to zero)
+            for n, p in model.named_parameters():
+                if ".experts." in n:
+                    p.normal_(std=0.1)
+    else:
+        raise ValueError(family)
+    return model.eval()

@@ -285,6 +285,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], method: str = "linea
     """
     state = state_of(model)
     weights = _check_weights(state, weights)
+    params = [n for n in weights if state.adapters[n].config.target_parameters]
+    if params:
+        raise AdapterError(f"lorafit.combine does not combine adapters on expert parameters (target_parameters) yet; "
+                           f"{params[0]!r} has them")
     opts = _check_options(method, len(weights), density=density, sign_method=majority_sign_method,
                           svd_rank=svd_rank, svd_clamp=svd_clamp, full_matrices=svd_full_matrices, seed=seed)
     modules = [(lname, layer, parts) for lname, layer in adapter_layers(model)

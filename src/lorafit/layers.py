@@ -66,6 +66,9 @@ def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
 
 def adapter_shapes(module: nn.Module, kind: str, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of lora_A and lora_B for ``module`` at rank r, in PEFT's on-disk layout."""
+    if kind == "param":  # experts.ParamLayer: E experts, each its own r rows of A and (rank-major) r columns of B
+        e = module.n_experts
+        return (r * e, module.in_features), (module.out_features, r * e)
     w = module.weight
     if kind == "conv":
         ones = (1,) * (w.dim() - 2)

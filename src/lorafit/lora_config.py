@@ -75,6 +75,8 @@ class LoraConfig:
         "3.2): stable across ranks"})
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA: learn a magnitude per output "
         "row (DoRA, Liu et al. 2024, §4)"})
+    target_parameters: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "parameters adapted "
+        "directly (suffix match), e.g. MoE experts' 'mlp.experts.gate_up_proj'; 'experts': every expert weight"})
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -85,7 +87,9 @@ class LoraConfig:
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
                 or not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora_dropout", self.lora_dropout, "dropout must be a number in [0, 1), e.g. 0.05")
-        self.target_modules = _check_names("target_modules", self.target_modules)
+        self.target_parameters = _check_parameters(self.target_parameters)
+        self.target_modules = _check_names("target_modules", self.target_modules,
+                                           allow_empty=self.target_parameters is not None)
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules)
         self._check_layers()
         self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, integer=True)
@@ -102,6 +106,8 @@ class LoraConfig:
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "expected true or false")
+        if self.target_parameters is not None:
+            self._check_parameter_variant()
         init = self.init_lora_weights
         # not ``init in INIT_CHOICES`` alone: 0 == False and 1 == True would let 0 through, and 0 initialises as True
         if not (isinstance(init, bool) or (isinstance(init, str) and init in INIT_CHOICES)):
@@ -126,6 +132,18 @@ class LoraConfig:
                 _fail("layers_pattern", lp, "it cannot be combined with a string target_modules")
             if lt is None:
                 _fail("layers_pattern", lp, "it needs layers_to_transform to say which layer indices to adapt")
+
+    def _check_parameter_variant(self) -> None:
+        """What an adapter on a parameter cannot be (as in PEFT's ParamWrapper, so that every file loads there)."""
+        if self.lora_dropout:
+            _fail("lora_dropout", self.lora_dropout, "target_parameters take no dropout (PEFT refuses it there too, "
+                  "so such an adapter would not load in PEFT); set lora_dropout: 0")
+        if self.use_dora:
+            _fail("use_dora", self.use_dora, "DoRA is not supported on target_parameters (nor in PEFT); train LoRA "
+                  "on the expert weights, or put DoRA on target_modules in a separate adapter")
+        if self.init_lora_weights in ("pissa", "olora"):
+            _fail("init_lora_weights", self.init_lora_weights, "a weight-based init is not supported with "
+                  "target_parameters; use True or 'gaussian'")
 
     # --- serialization -------------------------------------------------------------------------------------
 
@@ -186,9 +204,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_names(name: str, value: Any) -> Any:
+EXPERTS = "experts"  # target_parameters shorthand: every weight of every experts module
+
+
+def _check_parameters(value: Any) -> Any:
+    """target_parameters: None, the shorthand 'experts', or a non-empty list of parameter names (PEFT: a list)."""
+    if value is None or value == EXPERTS:
+        return value
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    _fail("target_parameters", value, f"expected a list of parameter names, e.g. ['mlp.experts.gate_up_proj', "
+          f"'mlp.experts.down_proj'], or {EXPERTS!r} for every expert weight")
+
+
+def _check_names(name: str, value: Any, allow_empty: bool = False) -> Any:
     if value is None:
         return None
+    if allow_empty and isinstance(value, (list, tuple)) and not value:
+        return []
     if isinstance(value, str):
         if not value:
             _fail(name, value, "expected module names, a regex, or 'all-linear'")

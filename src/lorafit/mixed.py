@@ -214,6 +214,10 @@ def per_row(model: nn.Module, names: Sequence[str | None]):
     layers = [layer for _, layer in adapter_layers(model)]
     if any(layer.routing is not None for layer in layers):
         raise AdapterError("lorafit.per_row contexts do not nest")
+    params = [n for n in names if n is not None and state.adapters[n].config.target_parameters]
+    if params:
+        raise AdapterError(f"lorafit.per_row does not route adapters on expert parameters (target_parameters) yet; "
+                           f"{params[0]!r} has them. Run its rows as a batch of their own (lorafit.set_active)")
     routing = Routing(names)
     generate = model.__dict__.get("generate")
     if callable(getattr(model, "generate", None)):

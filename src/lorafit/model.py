@@ -20,7 +20,9 @@ from typing import Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from . import experts
 from .errors import AdapterError
+from .experts import ParamLayer
 from .layers import LoraLayer
 from .lora_config import ConfigError, LoraConfig
 from .targets import Target, modules_to_save, select_targets
@@ -183,8 +185,7 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     # Allocate everything first (a huge rank fails here), so that a failure leaves the model as it was.
     layers, adapters_ = [], []
     for t in targets:
-        module = model.get_submodule(t.name)
-        layer = module if isinstance(module, LoraLayer) else LoraLayer(module, t.kind)
+        layer = _layer_for(model, t)
         try:
             adapters_.append(layer.add(name, t.r, t.alpha, t.scaling, dropout=config.lora_dropout,
                                        use_dora=config.use_dora, activate=False))
@@ -198,7 +199,9 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     for t, layer in zip(targets, layers):
         if init:
             layer.reset_adapter(config.init_lora_weights, name)
-        if layer is not model.get_submodule(t.name):  # a new layer: in the wrapped module's mode (its __init__)
+        if isinstance(layer, ParamLayer):
+            experts.install(layer)
+        elif layer is not model.get_submodule(t.name):  # a new layer: in the wrapped module's mode (its __init__)
             _set_module(model, t.name, layer)
     for n, trainable in copies.items():
         state.saved[n] = model.get_submodule(n).requires_grad_(False)
@@ -213,10 +216,20 @@ def attach(model: nn.Module, config: LoraConfig, *, name: str | None = None, ini
     return model
 
 
+def _layer_for(model: nn.Module, t: Target) -> LoraLayer:
+    """The layer that will hold target ``t``'s adapter: the one already there, or a new one not yet in the model."""
+    if t.kind == "param":
+        owner_name, _, leaf = t.name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        return experts.param_layers(owner).get(leaf) or ParamLayer(owner, leaf)
+    module = model.get_submodule(t.name)
+    return module if isinstance(module, LoraLayer) else LoraLayer(module, t.kind)
+
+
 def _refuse_over_packed(model: nn.Module, config: LoraConfig, targets: list[Target], init: bool) -> None:
     """bitsandbytes layers (``tensors.is_packed``): only their forward can read W0, so what needs its values is
     refused: DoRA's row norms ||W0 + s·B·A|| (at attach and at load) and PiSSA/OLoRA's rewrite of W0."""
-    packed = [t.name for t in targets if is_packed(model.get_submodule(t.name).weight)]
+    packed = [t.name for t in targets if t.kind != "param" and is_packed(model.get_submodule(t.name).weight)]
     if not packed:
         return
     what = f"layer (its weight a packed {type(model.get_submodule(packed[0]).weight).__name__})"
@@ -288,6 +301,9 @@ def _untie_config(model: nn.Module) -> None:
 
 def _restore(model: nn.Module, name: str, layer: LoraLayer) -> None:
     """Put the wrapped module back, with the (possibly moved, re-wrapped or merged) parameters the layer holds."""
+    if isinstance(layer, ParamLayer):
+        experts.uninstall(layer)
+        return
     base = layer.base
     base.weight = layer.weight
     if layer.bias is not None:

@@ -30,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import AdapterError, ConfigError
+from .experts import ParamLayer, layer_name, param_dims
 from .files import atomic_dir, read_json, replace_file
 from .layers import adapter_shapes, magnitude_shape
 from .lora_config import LoraConfig
 from .model import DEFAULT, adapter_layers, adapter_parameter_names, attach, check_new, state_of
-from .targets import modules_to_save, select_targets
+from .targets import Target, modules_to_save, select_targets
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -53,22 +54,51 @@ def _lora_keys(name: str, kind: str) -> dict[str, str]:
     }
 
 
-def peft_key(param_name: str, layer_kinds: dict[str, str]) -> str:
+def peft_key(param_name: str, layer_files: dict[str, tuple[str, str]]) -> str:
     """PEFT's on-disk key for one of our parameter names (an adapter's ``<layer>.adapters.<name>.lora_A`` loses its
-    adapter name, as in PEFT's files)."""
+    adapter name, as in PEFT's files); ``layer_files``: ``layer_files(model, name)``."""
     owner, _, leaf = param_name.rpartition(".")
     layer = owner.rpartition(".adapters.")[0] if ".adapters." in owner else owner
-    if layer in layer_kinds and (layer != owner or leaf in ("weight", "bias")):
-        return _lora_keys(layer, layer_kinds[layer])[leaf]
+    if layer in layer_files and (layer != owner or leaf in ("weight", "bias")):
+        path, kind = layer_files[layer]
+        return _lora_keys(path, kind)[leaf]
     return PREFIX + param_name
+
+
+def param_paths(model: nn.Module, targets: list[Target]) -> dict[str, str]:
+    """{target parameter name: its module's path in PEFT's files}. PEFT wraps a module once per targeted parameter,
+    in the order the module registers them, the last outermost, so each earlier one sits one ``base_layer`` deeper:
+    Qwen3-MoE's gate_up_proj is ``experts.base_layer.lora_A``, its down_proj ``experts.lora_A``."""
+    by_owner: dict[str, list[str]] = {}
+    for t in targets:
+        if t.kind == "param":
+            owner, _, leaf = t.name.rpartition(".")
+            by_owner.setdefault(owner, []).append(leaf)
+    paths = {}
+    for owner, leaves in by_owner.items():
+        order = [n for n, _ in model.get_submodule(owner).named_parameters(recurse=False)]
+        leaves = sorted(leaves, key=order.index)
+        for i, leaf in enumerate(leaves):
+            paths[f"{owner}.{leaf}"] = owner + ".base_layer" * (len(leaves) - 1 - i)
+    return paths
+
+
+def layer_files(model: nn.Module, name: str | None = None) -> dict[str, tuple[str, str]]:
+    """{layer name: (its module path in PEFT's files, kind)} as adapter ``name`` (default: the active one) saves."""
+    files = {n: (n, layer.kind) for n, layer in adapter_layers(model) if not isinstance(layer, ParamLayer)}
+    state = state_of(model)
+    for pname, path in param_paths(model, state.adapters[state.name(name)].targets).items():
+        owner, _, leaf = pname.rpartition(".")
+        files[f"{owner}.{layer_name(leaf)}"] = (path, "param")
+    return files
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """{PEFT key: parameter} of everything one adapter (default: the active one) trains and saves."""
     name = state_of(model).name(name)
-    kinds = {n: layer.kind for n, layer in adapter_layers(model)}
+    files = layer_files(model, name)
     params = dict(model.named_parameters())
-    return {peft_key(n, kinds): params[n] for n in adapter_parameter_names(model, [name])}
+    return {peft_key(n, files): params[n] for n in adapter_parameter_names(model, [name])}
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
@@ -90,7 +120,8 @@ def adapter_config_dict(model: nn.Module, name: str | None = None) -> dict:
     d = cfg.to_dict()
     d.update(
         peft_type="LORA", task_type=None, inference_mode=True, lora_bias=False,
-        target_modules=sorted(t.name for t in targets),
+        target_modules=sorted(t.name for t in targets if t.kind != "param"),
+        target_parameters=sorted(t.name for t in targets if t.kind == "param") or None,
         exclude_modules=None, layers_to_transform=None, layers_pattern=None,
         rank_pattern={t.name: t.r for t in targets if t.r != cfg.r},
         alpha_pattern={t.name: t.alpha for t in targets if t.alpha != cfg.lora_alpha},
@@ -245,8 +276,15 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
     {PEFT key: our parameter name} for keys that overwrite existing model parameters (never other adapters')."""
     targets = select_targets(model, config, strict=False)
     shapes, required, existing = {}, set(), {}
-    target_names = {t.name: t for t in targets}
+    target_names = {t.name: t for t in targets if t.kind != "param"}
+    paths = param_paths(model, targets)
     for t in targets:
+        if t.kind == "param":
+            e, n_in, n_out = param_dims(model.get_parameter(t.name), _transposed(model, t.name))
+            keys = _lora_keys(paths[t.name], t.kind)
+            shapes[keys["lora_A"]], shapes[keys["lora_B"]] = (t.r * e, n_in), (n_out, t.r * e)
+            required |= {keys["lora_A"], keys["lora_B"]}
+            continue
         module = model.get_submodule(t.name)
         keys = _lora_keys(t.name, t.kind)
         a, b = adapter_shapes(module, t.kind, t.r)
@@ -264,6 +302,10 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
     for name in modules_to_save(model, config):  # trained in full: a file without them would load untrained copies
         required |= {f"{PREFIX}{name}.{pname}" for pname, _ in model.get_submodule(name).named_parameters()}
     return shapes, required, existing
+
+
+def _transposed(model: nn.Module, param_name: str) -> bool:
+    return bool(getattr(model.get_submodule(param_name.rpartition(".")[0]), "is_transposed", False))
 
 
 def _check_fits(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
@@ -335,9 +377,9 @@ def load(model: nn.Module, path: Union[str, Path], *, name: str | None = None, r
 
 
 def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
-    kinds = {n: layer.kind for n, layer in adapter_layers(model)}
+    files = layer_files(model, name)
     mine = set(adapter_parameter_names(model, [name]))
-    by_key = {peft_key(n, kinds): p for n, p in model.named_parameters(remove_duplicate=False)
+    by_key = {peft_key(n, files): p for n, p in model.named_parameters(remove_duplicate=False)
               if ".adapters." not in n or n in mine}
     with torch.no_grad():
         for key, t in tensors.items():
@@ -357,6 +399,9 @@ def swap(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[str, Te
         raise AdapterError(f"replace=True: no adapter named {name!r} to swap into; this model has "
                            f"{list(state.adapters)}")
     info = state.adapters[name]
+    if config.target_parameters or info.config.target_parameters:
+        raise AdapterError(f"replace=True swaps adapters of modules; adapter {path} or {name!r} targets parameters "
+                           "(target_parameters): load it under a new name instead")
     if config.modules_to_save or info.config.modules_to_save:
         raise AdapterError(f"replace=True swaps LoRA factors only; adapter {path} or {name!r} has modules_to_save")
     if config.use_dora != info.config.use_dora:

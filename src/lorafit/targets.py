@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .experts import FAST_PARAMS, ParamLayer, is_fast_module
 from .layers import LoraLayer, in_out_features, layer_kind
-from .lora_config import ConfigError, LoraConfig
+from .lora_config import EXPERTS, ConfigError, LoraConfig
 from .ops import scaling
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -219,9 +220,17 @@ def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> li
     only excluded modules match, as PEFT writes "all-linear" expanded to names before applying exclude_modules.
     """
     wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, LoraLayer)]  # an adapter's insides
-    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(w) for w in wrapped)]
+    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(w) for w in wrapped)
+             and not isinstance(m, ParamLayer)]
     all_names = [n for n, _ in named]
-    spec = _default_spec(model) if cfg.target_modules is None else cfg.target_modules
+    params = parameter_targets(model, cfg)
+    if cfg.target_modules is None and params:  # PEFT: the model type's default modules, else none
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        spec = DEFAULT_TARGETS.get(model_type, [])
+    else:
+        spec = _default_spec(model) if cfg.target_modules is None else cfg.target_modules
+    if not spec:
+        return params
     saved = modules_to_save(model, cfg)
     in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
     candidates = [(n, m) for n, m in named
@@ -233,5 +242,65 @@ def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> li
     else:
         matched = _match_names(spec, cfg, candidates, all_names, strict)
     targets = [_target(n, m, cfg) for n, m in matched]
+    _refuse_overlap(model, targets, params)
+    targets += params
     _warn_unused_patterns(cfg, [t.name for t in targets])
+    return targets
+
+
+def _refuse_overlap(model: nn.Module, modules: list[Target], params: list[Target]) -> None:
+    """A parameter of a module that target_modules already adapts (PEFT refuses it too)."""
+    adapted = {t.name for t in modules}
+    for p in params:
+        owner = p.name.rpartition(".")[0]
+        if owner in adapted or isinstance(model.get_submodule(owner), LoraLayer):
+            raise ConfigError(f"target_parameters entry {p.name!r} is a parameter of {owner!r}, which target_modules "
+                              "(or another adapter) already adapts; adapt the module or its parameter, not both")
+
+
+def _named_parameters(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """(owner module name, parameter leaf, parameter) of every parameter a module holds itself, lorafit's own
+    adapter tensors left out."""
+    out = []
+    for mname, module in model.named_modules():
+        if isinstance(module, ParamLayer) or ".adapters." in f".{mname}.":
+            continue
+        for leaf, p in module.named_parameters(recurse=False):
+            out.append((mname, leaf, p))
+    return out
+
+
+def parameter_targets(model: nn.Module, cfg: LoraConfig) -> list[Target]:
+    """The parameters ``cfg.target_parameters`` adapts (PEFT's rule: the full name equals an entry or ends with
+    "." + entry), in model order; 'experts' means every projection weight of every transformers experts module."""
+    spec = cfg.target_parameters
+    if spec is None:
+        return []
+    named = _named_parameters(model)
+    full = lambda owner, leaf: f"{owner}.{leaf}" if owner else leaf  # noqa: E731
+    if spec == EXPERTS:
+        matched = [(o, leaf, p) for o, leaf, p in named
+                   if leaf in FAST_PARAMS and is_fast_module(model.get_submodule(o))]
+        if not matched:
+            raise ConfigError("target_parameters='experts' found no mixture-of-experts weights (transformers' fused "
+                              "experts modules, e.g. mlp.experts.gate_up_proj) in this model")
+    else:
+        matched = [(o, leaf, p) for o, leaf, p in named if name_matches(full(o, leaf), spec)]
+        for entry in spec:
+            if not any(name_matches(full(o, leaf), [entry]) for o, leaf, _ in matched):
+                names = [full(o, leaf) for o, leaf, p in named if p.dim() in (2, 3)]
+                raise ConfigError(f"target_parameters entry {entry!r} matches no parameter in the model; similar "
+                                  f"names: {_similar(entry, names)}")
+    targets = []
+    for owner, leaf, p in matched:
+        name = full(owner, leaf)
+        if p.dim() not in (2, 3):
+            raise ConfigError(f"target_parameters entry {name!r} is a {p.dim()}D parameter {tuple(p.shape)}; LoRA "
+                              "adapts 2D weights (out, in) and 3D expert stacks (experts, out, in) only")
+        if not p.is_floating_point():
+            raise ConfigError(f"target_parameters entry {name!r} has dtype {p.dtype} (quantized?); lorafit adapts "
+                              "floating-point parameters only")
+        r = cfg.rank_pattern[k] if (k := pattern_key(cfg.rank_pattern, name)) is not None else cfg.r
+        alpha = cfg.alpha_pattern[k] if (k := pattern_key(cfg.alpha_pattern, name)) is not None else cfg.lora_alpha
+        targets.append(Target(name, "param", r, alpha, scaling(r, alpha, cfg.use_rslora)))
     return targets

@@ -107,6 +107,10 @@ def adapter_parameters(model: nn.Module, targets: list[Target], use_dora: bool) 
     """Adapter parameter count per targeted module."""
     counts = {}
     for t in targets:
+        if t.kind == "param":
+            e, n_in, n_out = _param_dims(model, t.name)
+            counts[t.name] = t.r * e * (n_in + n_out)
+            continue
         module = model.get_submodule(t.name)
         a, b = adapter_shapes(module, t.kind, t.r)
         n = math.prod(a) + math.prod(b)
@@ -116,13 +120,26 @@ def adapter_parameters(model: nn.Module, targets: list[Target], use_dora: bool) 
     return counts
 
 
+def _param_dims(model: nn.Module, name: str) -> tuple[int, int, int]:
+    """(experts, in, out) of a targeted parameter."""
+    from ..experts import param_dims
+    owner = model.get_submodule(name.rsplit(".", 1)[0])
+    return param_dims(model.get_parameter(name), bool(getattr(owner, "is_transposed", False)))
+
+
 def adapted_inputs(model: nn.Module, targets: list[Target]) -> int:
     """Values per token that backward keeps for the adapters: each distinct input of an adapted module (q, k and v
-    read one input, so it counts once) is saved to compute A's gradient, even where the frozen base needs none."""
+    read one input, so it counts once) is saved to compute A's gradient, even where the frozen base needs none. An
+    expert weight's input is each token once per expert it is routed to (``num_experts_per_tok``)."""
     from ..layers import in_out_features
     seen = {}
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1
     for t in targets:
         parent = t.name.rsplit(".", 1)[0] if "." in t.name else ""
+        if t.kind == "param":
+            n_in = _param_dims(model, t.name)[1]
+            seen[(t.name, n_in)] = top_k * n_in
+            continue
         n_in = in_out_features(model.get_submodule(t.name), t.kind)[0] if t.kind != "embedding" else 0
         seen[(parent, n_in)] = n_in
     return sum(seen.values())
@@ -256,7 +273,11 @@ def plan_table(model: nn.Module, p: dict) -> list[str]:
     lines = [f"  {'module kind':<22} {'count':>5} {'shape (out x in)':>18} {'r':>6} {'alpha':>7} {'scaling':>8} "
              f"{'params':>12}"]
     for leaf, ts in groups.items():
-        out_f, in_f = as_matrix(model.get_submodule(ts[0].name).weight, ts[0].kind).shape
+        if ts[0].kind == "param":
+            e, in_f, out_f = _param_dims(model, ts[0].name)
+            out_f = f"{e} x {out_f}"
+        else:
+            out_f, in_f = as_matrix(model.get_submodule(ts[0].name).weight, ts[0].kind).shape
         rs = sorted({t.r for t in ts})
         alphas = sorted({t.alpha for t in ts})
         scal = sorted({round(t.scaling, 4) for t in ts})
@@ -306,9 +327,14 @@ def plan_report(model_dir: str | Path, cfg: LoraConfig, *, batch_size: int = 8, 
              runtime=runtime, quantize=quantize, device=device)
     if as_json:
         return plan_json(p)
+    from ..experts import left_out_note
+
     quantized = f", {p['quantized']} linears in {quantize}" if quantize else ""
-    lines = [f"plan for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha} target_modules={cfg.target_modules!r} "
-             f"use_dora={cfg.use_dora} use_rslora={cfg.use_rslora}", "", *plan_table(model, p), "",
+    params = f" target_parameters={cfg.target_parameters!r}" if cfg.target_parameters else ""
+    note = left_out_note(model, [t.name for t in p["targets"]])
+    lines = [f"plan for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha} target_modules={cfg.target_modules!r}"
+             f"{params} use_dora={cfg.use_dora} use_rslora={cfg.use_rslora}", *([note] if note else []), "",
+             *plan_table(model, p), "",
              f"  trainable parameters  {p['trainable']:,} of {p['total']:,} "
              f"({100 * p['trainable'] / max(p['total'], 1):.3f}%)",
              f"  adapter file          ~{_fmt_bytes(p['file_bytes'])} (float32 safetensors)",

@@ -22,6 +22,7 @@ from .common import (
     positive_int,
     read_yaml,
     target_modules_arg,
+    target_parameters_arg,
 )
 from .train import require_quant
 
@@ -38,7 +39,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device, _ = resolve_device(args.device)  # the memory planned is that device's: GPU memory on CUDA
     settings = read_yaml(args.config) if args.config else {}
     lora = {**default_lora().to_dict(), **(settings.get("lora") or {})}
-    flags = {"r": args.rank, "target_modules": args.target_modules, "use_dora": args.use_dora or None}
+    flags = {"r": args.rank, "target_modules": args.target_modules, "target_parameters": args.target_parameters,
+             "use_dora": args.use_dora or None}
     lora.update({field: value for field, value in flags.items() if value is not None})
 
     def pick(name: str):
@@ -103,6 +105,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--rank", type=positive_int, help="LoRA rank r (default: 8 or the config's)")
     p.add_argument("--target-modules", type=target_modules_arg, help="names, regex or all-linear "
                    "(default: q_proj,v_proj or the config's)")
+    p.add_argument("--target-parameters", type=target_parameters_arg, help="parameters adapted directly: "
+                   "'experts' (every MoE expert weight) or names (default: none or the config's)")
     p.add_argument("--use-dora", action="store_true", help="plan a DoRA adapter (default: off)")
     p.add_argument("--batch-size", type=positive_int, help="examples per micro-batch "
                    f"(default: {_default('batch_size')} or the config's)")

@@ -46,6 +46,13 @@ def target_modules_arg(value: str):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def target_parameters_arg(value: str):
+    """'experts' (every expert weight of a mixture-of-experts model) or a comma-separated list of parameter names."""
+    if value.strip().lower() == "experts":
+        return "experts"
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def int_at_least(low: int):
     """An argparse type: an integer >= ``low``, with one clear message otherwise."""
     what = "a positive integer" if low == 1 else f"an integer >= {low}"

@@ -1,4 +1,4 @@
-"""`lorafit train`: flags generated from TrainConfig's fields (and six LoraConfig fields), merged over the
+"""`lorafit train`: flags generated from TrainConfig's fields (and seven LoraConfig fields), merged over the
 defaults and a --config YAML (``lorafit.train.settings``), then one call of ``lorafit.train.run``. probe, sweep and
 tune take some of the same flags and settings (``add_run_flags``, ``run_settings``)."""
 
@@ -15,11 +15,21 @@ from ..errors import ConfigError
 from ..lora_config import LoraConfig
 from ..train.settings import resolve_settings
 from ..train.train_config import SWITCH, TrainConfig, default_lora, field_help, settings, shown
-from .common import METAVARS, RUN_NEEDS, int_at_least, read_yaml, require, require_demo, target_modules_arg
+from .common import (
+    METAVARS,
+    RUN_NEEDS,
+    int_at_least,
+    read_yaml,
+    require,
+    require_demo,
+    target_modules_arg,
+    target_parameters_arg,
+)
 
 # flag -> (LoraConfig field, argparse type; None: an on/off switch). Their help is the field's own.
 LORA_FLAGS = {"--rank": ("r", int_at_least(1)), "--lora-alpha": ("lora_alpha", float),
               "--lora-dropout": ("lora_dropout", float), "--target-modules": ("target_modules", target_modules_arg),
+              "--target-parameters": ("target_parameters", target_parameters_arg),
               "--use-dora": ("use_dora", None), "--use-rslora": ("use_rslora", None)}
 RUN_FLAGS = ("model", "data", "batch_size", "max_length", "seed")  # TrainConfig settings probe, sweep and tune take
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import peft_format
 from ..devices import accumulation_dtype, device_label, resolve_device
 from ..errors import DataError, TrainingError
+from ..experts import left_out_note
 from ..files import read_json, write_json, write_text
 from ..hf import (
     DTYPES,
@@ -43,7 +44,7 @@ from ..hf import (
     to_device,
     use_chat_template,
 )
-from ..model import adapter_parameter_names, attach, trainable_parameters
+from ..model import adapter_parameter_names, attach, state_of, trainable_parameters
 from ..quant import check_device
 from ..targets import output_layer_names, select_targets
 from . import distributed as D
@@ -392,6 +393,9 @@ def restore(state: RunState) -> None:
               f"({100 * n_train / n_total:.3f}%) | {len(state.train_set)} train / {len(state.task.eval)} eval "
               f"examples{_cut_note(state.counts)} | {state.steps} steps"
               + (f" | {state.d.world} processes, {state.strategy}" if state.d.enabled else ""))
+    note = left_out_note(state.core, [t.name for t in state_of(state.core).targets])
+    if note:
+        state.say(note)
 
 
 def restore_device_rng(state: RunState, saved: dict) -> None:
