@@ -207,16 +207,63 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return out[:, :n] if pad_n else out
 
 
+def grouped_outer(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """Per group g of rows: a_gᵀ·b_g, stacked (E, a's columns, b's columns); an empty group gives zeros (the
+    gradient of the per-group matrices of ``grouped_mm``)."""
+    m, n = a.shape[1], b.shape[1]
+    mult = max(1, 16 // a.element_size())
+    a = F.pad(a, (0, -m % mult)) if m % mult else a
+    b = F.pad(b, (0, -n % mult)) if n % mult else b
+    out = F.grouped_mm(a.t(), b.contiguous(), offs=offsets)
+    return out[:, :m, :n]
+
+
+class GroupedLowRank(torch.autograd.Function):
+    """u = B_e·(A_e·x) on each row's own expert e, rows grouped by ``offsets``, as one autograd function. The rows
+    are ``source[rows]`` (the tokens, each repeated once per expert it is routed to) or ``source`` itself; backward
+    keeps only the source, in its own dtype (not the top-k times larger gathered rows, nor a float32 copy of a
+    bfloat16 base's), and the rank-r intermediate, and computes the factors' gradients as per-group outer
+    products. ``b_t`` carries the scale."""
+
+    @staticmethod
+    def forward(ctx, source: Tensor, rows: Tensor | None, a_t: Tensor, b_t: Tensor, offsets: Tensor) -> Tensor:
+        x = source if rows is None else source[rows]
+        h = grouped_mm(x.to(a_t.dtype), a_t, offsets)  # (S, r)
+        ctx.save_for_backward(source, rows, a_t, b_t, offsets, h)
+        return grouped_mm(h, b_t, offsets)  # (S, out)
+
+    @staticmethod
+    def backward(ctx, du: Tensor):
+        source, rows, a_t, b_t, offsets, h = ctx.saved_tensors
+        du = du.to(b_t.dtype)
+        dh = grouped_mm(du, b_t.transpose(-2, -1), offsets)
+        db = grouped_outer(h, du, offsets) if ctx.needs_input_grad[3] else None
+        if ctx.needs_input_grad[2]:
+            x = source if rows is None else source[rows]
+            da = grouped_outer(x.to(a_t.dtype), dh, offsets)
+        else:
+            da = None
+        dsource = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_mm(dh, a_t.transpose(-2, -1), offsets).to(source.dtype)
+            dsource = dx if rows is None else torch.zeros_like(source).index_add_(0, rows, dx)
+        return dsource, None, da, db, None
+
+
 def _project(x: Tensor, weight: Tensor, transposed: bool, offsets: Tensor, layer: ParamLayer | None,
-             ads: list[Adapter] | None) -> Tensor:
-    """One grouped projection of the sorted rows x, plus the adapter's s·B_e·A_e·x on each expert's own rows."""
+             ads: list[Adapter] | None, source: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """One grouped projection of the sorted rows x, plus the adapter's s·B_e·A_e·x on each expert's own rows;
+    ``source``: (tokens, row index) when x is tokens[index] (what the adapter's backward keeps instead of x)."""
     w = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
     out = grouped_mm(x.to(w.dtype), w, offsets)
     if ads:
         ad = ads[0]
         a_t, b_t = layer.factors(ad)
-        h = grouped_mm(x.to(a_t.dtype), a_t, offsets) * ad.scaling  # (S, r)
-        out = out + grouped_mm(h, b_t, offsets).to(out.dtype)
+        # s folded into the copy of Bᵀ that grouped_mm needs anyway; the frozen base's product is not saved for
+        # backward, so the update is added in place (no second (S, out) tensor)
+        src, rows = source if source is not None else (x, None)
+        u = GroupedLowRank.apply(src, rows, a_t, (b_t * ad.scaling).contiguous(), offsets)
+        out = out.add_(u.to(out.dtype))
     return out
 
 
@@ -228,12 +275,14 @@ def _fast(owner: nn.Module, layers: dict, used: dict, hidden: Tensor, top_k_inde
     n_exp = owner.num_experts
     expert_ids = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    x = hidden[perm // k]
+    token_of_row = perm // k
+    x = hidden[token_of_row]
     counts = torch.zeros(n_exp, dtype=torch.int32, device=hidden.device)
     counts.index_add_(0, sorted_ids, torch.ones_like(sorted_ids, dtype=torch.int32))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     up = "gate_up_proj" if owner.has_gate else "up_proj"
-    out = _project(x, getattr(owner, up), owner.is_transposed, offsets, layers.get(up), used.get(up))
+    out = _project(x, getattr(owner, up), owner.is_transposed, offsets, layers.get(up), used.get(up),
+                   (hidden, token_of_row))
     if owner.has_bias:
         out = out + getattr(owner, up + "_bias")[sorted_ids]
     out = owner._apply_gate(out) if owner.has_gate else owner.act_fn(out)

@@ -139,6 +139,11 @@ def _other_reasons(ad: Adapter, engine: str) -> list[str]:
     if ad.config.modules_to_save and not any("modules_to_save" in line for line in lines):
         lines.append(f"adapter_config.json: modules_to_save={ad.config.modules_to_save}; {engine} loads LoRA "
                      "factors only")
+    if ad.config.target_parameters:
+        names = ad.config.target_parameters
+        lines.append(f"adapter_config.json: target_parameters ({len(names)} expert weights, e.g. {names[0]}): LoRA on "
+                     f"fused mixture-of-experts weights, which lorafit neither exports nor has verified {engine} to "
+                     "load; merge the adapter (lorafit merge) and serve the merged model")
     if ad.config.init_lora_weights in ("pissa", "olora"):
         lines.append(f"adapter_config.json: init_lora_weights={ad.config.init_lora_weights!r} trains against a "
                      f"residual base W0 - B0·A0 that {engine} does not build; convert it with PEFT's "
@@ -146,9 +151,17 @@ def _other_reasons(ad: Adapter, engine: str) -> list[str]:
     return lines
 
 
+def _module_factors(ad: Adapter) -> list:
+    """The adapter's factor pairs of modules: those of target_parameters (said once, by ``_other_reasons``) left
+    out. PEFT files them under their module, one ``base_layer`` deeper per later parameter."""
+    owners = {n.rpartition(".")[0] for n in ad.config.target_parameters or ()} \
+        if isinstance(ad.config.target_parameters, list) else set()
+    return [m for m in ad.modules if re.sub(r"(\.base_layer)+$", "", m.name) not in owners]
+
+
 def _vllm_reasons(ad: Adapter, max_lora_rank: int) -> list[str]:
     lines = _other_reasons(ad, "vLLM")
-    for m in ad.modules:
+    for m in _module_factors(ad):
         if m.kind != "linear":
             lines.append(f"module {m.name}: a LoRA on an {'embedding' if m.kind == 'embedding' else 'convolution'}"
                          "; vLLM adapts linear layers only")
@@ -202,7 +215,7 @@ def _weight_shape(hf: dict, name: str) -> tuple[int, int] | None:
 def _llamacpp_reasons(ad: Adapter, hf: dict | None, model: Union[str, Path, None]) -> list[str]:
     lines = _other_reasons(ad, "llama.cpp")
     tied = bool(hf and hf.get("tie_word_embeddings", False))
-    for m in ad.modules:
+    for m in _module_factors(ad):
         if m.kind == "conv" or _gguf_name(m.name) is None:
             lines.append(f"module {m.name}: no llama.cpp tensor for it in the llama family (llama.cpp adapts "
                          "embed_tokens, q/k/v/o_proj, gate/up/down_proj and lm_head)")

@@ -234,3 +234,48 @@ def test_per_row_and_combine_refuse_expert_adapters():
             pass
     with pytest.raises(AdapterError, match="combine does not combine"):
         lorafit.combine(model, {"default": 1.0}, name="c")
+
+
+class Inner(torch.nn.Module):
+    """A module that uses its 2D and 3D parameters directly (no nn.Linear): the general path's case."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 5) / 3)
+        self.stack = torch.nn.Parameter(torch.randn(2, 4, 6) / 3)  # (E, out, in)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.w)  # (..., 6)
+        return torch.einsum("eoi,bi->beo", self.stack, h).sum(1)
+
+
+class Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_parameters_of_other_modules_take_the_general_path_equal_to_peft(tmp_path):
+    torch.manual_seed(0)
+    base = Outer()
+    ref = copy.deepcopy(base)
+    model = lorafit.attach(base, lorafit.LoraConfig(r=2, target_modules=[], target_parameters=["w", "stack"],
+                                                    init_lora_weights=False))
+    x = torch.randn(7, 5)
+    out = model(x)
+    out.pow(2).sum().backward()
+    lorafit.save(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(ref, tmp_path, is_trainable=True)
+    want = pm(x)
+    want.pow(2).sum().backward()
+    torch.testing.assert_close(out, want, **TOL)
+    with lorafit.disabled(model):
+        assert (model(x) - out).abs().max() > 1e-3
+    for got, exp in peft_pairs(model, pm):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-7)
+    merged = lorafit.merge(model)
+    torch.testing.assert_close(merged(x), out, rtol=1e-4, atol=1e-6)

@@ -33,6 +33,12 @@ memory is the budget.
 
 Modules are found by structure and name, so any transformers model works (``attention_roles``).
 
+Mixture-of-experts models (``experts_rule``): "all linear layers" includes the expert weights
+(``target_parameters="experts"``), at r/k per expert, k the experts per token (``num_experts_per_tok``): a token
+passes through k experts, so k·(r/k) gives each token the adapter capacity a dense layer has at rank r, and each
+expert, which sees about k/E of the tokens, has less data to fit a larger update. This is lorafit's reasoning, not
+a published rule; no DoRA then (expert weights take none). q, v only (efficiency) leaves them out and says so.
+
 Papers: LoRA https://arxiv.org/abs/2106.09685, DoRA https://arxiv.org/abs/2402.09353,
 QLoRA https://arxiv.org/abs/2305.14314, GPT-3 https://arxiv.org/abs/2005.14165,
 LoRA Without Regret https://thinkingmachines.ai/blog/lora/.
@@ -48,6 +54,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..experts import expert_weights, left_out_note
 from ..layers import layer_kind
 from ..lora_config import LoraConfig
 from ..ops import scaling
@@ -259,6 +266,24 @@ def lora_yaml(cfg: LoraConfig) -> dict:
     return {k: v for k, v in d.items() if k in keep or v != getattr(defaults, k)}
 
 
+def experts_rule(model: nn.Module, r: int) -> Optional[dict]:
+    """For a mixture-of-experts model: the rank per expert for a dense rank r, and the facts behind it (module
+    docstring: 'Mixture-of-experts models'); None for a dense model."""
+    weights = expert_weights(model)
+    if not weights:
+        return None
+    first = next(iter(weights.values()))
+    n_experts = first.shape[0] if first.dim() == 3 else 1
+    top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", None) or 1)
+    r_expert = max(1, r // top_k)
+    leaves = sorted({".".join(n.split(".")[-2:]) for n in weights})  # e.g. experts.gate_up_proj
+    pattern = {"|".join(re.escape(x) for x in leaves): r_expert} if r_expert != r else {}
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    share = sum(p.numel() for p in weights.values()) / max(total, 1)
+    return dict(rank_pattern=pattern, r_expert=r_expert, top_k=top_k, n_experts=n_experts, count=len(weights),
+                share=share)
+
+
 def _count(model: nn.Module, cfg: LoraConfig) -> int:
     return sum(adapter_parameters(model, select_targets(model, cfg), cfg.use_dora).values())
 
@@ -285,9 +310,12 @@ class _Fit:
     def config(self) -> LoraConfig:
         spec = target_spec(self.model, self.targets, self.roles)
         alpha = LORA_ALPHA  # the convention: the same alpha at every rank (module docstring)
-        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank
+        moe = experts_rule(self.model, self.r) if self.targets == "all-linear" else None
+        extra = {} if moe is None else dict(target_parameters="experts", rank_pattern=moe["rank_pattern"])
+        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank (not on
+        # expert weights, which take no DoRA)
         return LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
-                          use_dora=self.complexity == "complex" and self.r < 16)
+                          use_dora=self.complexity == "complex" and self.r < 16 and moe is None, **extra)
 
     def size(self) -> tuple[int, MemoryEstimate]:
         n = _count(self.model, self.config())
@@ -349,13 +377,31 @@ def _choice_reasons(fit: _Fit, cfg: LoraConfig, goal: str) -> list[str]:
              "rate serves every rank (LoRA §4.1 sets alpha once; Schulman et al. 2025)")
     if fit.complexity == "simple":
         return out + [f"r={r}: a simple task needs little capacity (rule: r=4-8; LoRA §7.2 finds r=1-8 enough)",
-                      alpha]
+                      alpha] + _experts_reasons(fit, cfg)
     out += [f"r={r}: a complex task needs capacity (rule: r=16-64)" + (f"; the budget allows only r={r}" if r < 16
                                                                         else ""), alpha]
+    out += _experts_reasons(fit, cfg)
     if cfg.use_dora:
         out.append("use_dora=true: below r=16 DoRA's learned magnitude recovers most of the quality a "
                    "complex task loses (DoRA's gain over LoRA is largest at low rank)")
     return out
+
+
+def _experts_reasons(fit: _Fit, cfg: LoraConfig) -> list[str]:
+    """On a mixture-of-experts model: why the expert weights are in (at which rank per expert) or left out."""
+    moe = experts_rule(fit.model, fit.r)
+    if moe is None:
+        return []
+    if not cfg.target_parameters:
+        return [left_out_note(fit.model, [t.name for t in select_targets(fit.model, cfg)]) +
+                f" ({fit.targets_why or 'the goal'} keeps to q, v)"]
+    k, e, r_e = moe["top_k"], moe["n_experts"], moe["r_expert"]
+    return [f"target_parameters=experts ({moe['count']} expert weights, {moe['share']:.0%} of the parameters): "
+            "'all linear layers' on a MoE model means its experts too, which are 3D parameters, not linear layers",
+            f"r={r_e} per expert (rank_pattern): each token passes through k={k} of the {e} experts, so r/k per "
+            f"expert gives a token the adapter capacity of a dense layer at r={fit.r} (k x r/k), while each "
+            f"expert, seeing about k/E = {k}/{e} of the tokens, has less data to fit a larger update; lorafit's "
+            "reasoning, not a published rule: `lorafit tune` can switch the experts off or on to check it"]
 
 
 def _budget_reason(fit: _Fit, n: int, mem: MemoryEstimate, fits: bool, n_budget: Optional[int],

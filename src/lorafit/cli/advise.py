@@ -59,6 +59,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     cfg = s.config
     print(f"suggested LoRA config for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha:g} "
           f"target_modules={cfg.target_modules!r}" + (" use_dora=true" if cfg.use_dora else "")
+          + (f" target_parameters={cfg.target_parameters!r}" if cfg.target_parameters else "")
+          + (f" rank_pattern={cfg.rank_pattern}" if cfg.rank_pattern else "")
           + f"  ({s.trainable:,} adapter parameters)")
     for line in s.reasons:
         print(f"  - {line}")

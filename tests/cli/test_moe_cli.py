@@ -1,0 +1,78 @@
+"""The command line on a tiny Qwen3-MoE: `train --target-parameters experts`, the left-out note of plan and train,
+`check` for the engines, and a refused expert target (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_data, make_moe_dir
+from lorafit.cli import main
+
+FAST = ["--steps", "4", "--batch-size", "4", "--eval-max", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return make_moe_dir(tmp_path_factory.mktemp("moe") / "model")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data") / "d.jsonl")
+
+
+def test_train_with_expert_weights_saves_a_peft_adapter(moe_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(moe_dir), "--data", str(data), "--output", str(out),
+                 "--target-parameters", "experts", *FAST]) == 0
+    logged = capsys.readouterr()
+    assert "expert weights" not in logged.out + logged.err  # nothing left out
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2)
+                                        for w in ("down_proj", "gate_up_proj")]
+    tensors = load_file(out / "adapter_model.safetensors")
+    gate_up_b = tensors["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"]
+    assert gate_up_b.shape == (32, 8 * 4) and gate_up_b.abs().sum() > 0  # trained from B = 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe_dir), out)
+    assert model(torch.tensor([[1, 5, 9]])).logits.isfinite().all()
+
+
+def test_plan_and_train_name_the_expert_weights_they_leave_out(moe_dir, data, tmp_path, capsys):
+    assert main(["plan", "--model", str(moe_dir), "--target-modules", "all-linear"]) == 0
+    text = capsys.readouterr().out
+    assert "4 expert weights (down_proj, gate_up_proj; 32% of the model's parameters) are not adapted" in text
+    assert "--target-parameters experts" in text
+    assert main(["plan", "--model", str(moe_dir), "--target-parameters", "experts"]) == 0
+    text = capsys.readouterr().out
+    assert "gate_up_proj (param)" in text and "4 x 32 x 32" in text and "not adapted" not in text
+    assert main(["train", "--model", str(moe_dir), "--data", str(data), "--output", str(tmp_path / "r"), *FAST]) == 0
+    assert "4 expert weights" in capsys.readouterr().err  # train's log lines
+
+
+def test_check_says_the_engines_cannot_take_expert_weights(moe_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--model", str(moe_dir), "--data", str(data), "--output", str(out), "--target-parameters",
+          "experts", "--steps", "1", "--batch-size", "4", "--eval-max", "4", "--quiet"])
+    capsys.readouterr()
+    for engine in ("vllm", "llama.cpp"):
+        main(["check", str(out), "--for", engine])
+        text = capsys.readouterr().out
+        assert "target_parameters (4 expert weights" in text and "(1 problem)" in text, text
+    main(["check", str(out), "--for", "peft"])
+    assert "loads in peft" in capsys.readouterr().out
+
+
+def test_a_bad_expert_target_exits_2_and_writes_nothing(moe_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(moe_dir), "--data", str(data), "--output", str(out),
+                 "--target-parameters", "mlp.experts.gate_proj", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "matches no parameter" in err and "gate_up_proj" in err
+    assert not out.exists()
