@@ -40,3 +40,24 @@ def test_a_dense_model_gets_no_expert_advice():
 
     s = suggest(tiny_llama(), "simple", goal="quality")
     assert s.config.target_parameters is None and not any("expert" in line for line in s.reasons)
+
+
+def test_tune_space_switches_the_experts_on_and_off():
+    optuna = __import__("pytest").importorskip("optuna")
+    from lorafit.advise.space import Space, parse_space, sample, trial_label, trial_lora
+
+    model = tiny_moe("qwen3_moe")
+    on = trial_lora(model, {"r": 8, "targets": "qv", "alpha": 16, "rslora": False, "dora": True, "experts": True})
+    assert on.target_parameters == "experts" and not on.use_dora and list(on.rank_pattern.values()) == [4]
+    assert "experts" in trial_label({"r": 8, "targets": "qv", "alpha": 16, "experts": True, "lr": 1e-3})
+    off = trial_lora(model, {"r": 8, "targets": "qv", "alpha": 16, "rslora": False, "dora": True})
+    assert off.target_parameters is None and off.use_dora
+    assert parse_space({"experts": [True]}).experts == (True,)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        point = sample(study.ask(), Space(lr=(1e-4, 1e-2)))
+        seen.add(bool(point.get("experts")))
+        assert not (point.get("experts") and point["dora"])
+    assert seen == {False, True}
+    assert "experts" not in sample(study.ask(), Space(lr=(1e-4, 1e-2), experts=(False,)))

@@ -76,3 +76,24 @@ def test_a_bad_expert_target_exits_2_and_writes_nothing(moe_dir, data, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and "matches no parameter" in err and "gate_up_proj" in err
     assert not out.exists()
+
+
+def test_a_quantized_moe_base_keeps_its_experts_in_bfloat16_and_says_so(moe_dir, data, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(moe_dir), "--data", str(data), "--output", str(out), "--quantize", "nf4",
+                 "--target-parameters", "experts", *FAST]) == 0
+    log = capsys.readouterr().err
+    assert "4 mixture-of-experts weights stay in bfloat16" in log, log
+    assert json.loads((out / "adapter_config.json").read_text())["target_parameters"]
+
+
+def test_sweep_switches_the_experts_off_and_on(moe_dir, data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(moe_dir), "--data", str(data), "--grid", "r=4;targets=qv;experts=off,on",
+                 "--steps", "2", "--batch-size", "4", "--eval-max", "4", "--output", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert "| r4-qv-lora | 4 | q_proj+v_proj | lora | 896 |" in text
+    assert "| r4-qv-lora-experts | 4 | q_proj+v_proj+experts | lora | 2,688 |" in text
+    cfg = json.loads((out / "r4-qv-lora-experts" / "adapter_config.json").read_text())
+    assert len(cfg["target_parameters"]) == 4 and set(cfg["rank_pattern"].values()) == {2}  # r/k, k = 2

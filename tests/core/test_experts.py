@@ -279,3 +279,17 @@ def test_parameters_of_other_modules_take_the_general_path_equal_to_peft(tmp_pat
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-7)
     merged = lorafit.merge(model)
     torch.testing.assert_close(merged(x), out, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fast_path_runs_on_the_meta_device(monkeypatch):
+    """Every tensor the fast path makes follows the model (a CPU tensor would fail the op it meets on ``meta``) and
+    nothing is read back (a meta tensor cannot be read). Meta's grouped_mm takes bfloat16 only, as CUDA's fast
+    kernel: the whole model, adapter included, is cast to it here."""
+    model = lorafit.attach(tiny_moe("qwen3_moe"), config(target_modules=[]))
+    model = model.to(torch.bfloat16).to("meta").train()
+    calls = []
+    fast = experts._fast
+    monkeypatch.setattr(experts, "_fast", lambda *a, **k: calls.append(1) or fast(*a, **k))
+    model(torch.zeros(2, 9, dtype=torch.long, device="meta")).logits.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(calls) == 2 and len(grads) == 8 and all(g.device.type == "meta" for g in grads)

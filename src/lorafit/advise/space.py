@@ -5,11 +5,14 @@
     alpha    lora_alpha, the same at every rank (the convention)     default [8, 16, 32]
     rslora   scale alpha/sqrt(r) instead of alpha/r                   default [false, true]
     dora     DoRA's learned magnitude                                 default [false, true]
+    experts  a MoE model's expert weights too (target_parameters)     default [false, true]; [false] on dense models
     lr       AdamW peak learning rate, log-uniform                    default suggested/10 .. suggested·10
 
 A range is ``{low: A, high: B}``; a choice is a list. ``probed`` is the probe's rank pattern, its ranks scaled so
 that its most common rank is the trial's r. Under Adam, alpha and lr act alike (the step of B·A is ~alpha·lr, see
-lorafit.advise.suggest), so alpha gets a few choices and lr the wide range.
+lorafit.advise.suggest), so alpha gets a few choices and lr the wide range. ``experts`` adds every expert weight
+at r/k per expert (suggest's rule); a trial with experts takes no DoRA (expert weights have none), so ``dora`` is
+sampled only without them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..errors import ConfigError
 from ..lora_config import LoraConfig
 
 TARGET_SETS = ("qv", "attention", "mlp", "all-linear", "probed")
-KNOBS = ("r", "targets", "alpha", "rslora", "dora", "lr")
+KNOBS = ("r", "targets", "alpha", "rslora", "dora", "lr", "experts")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Space:
     rslora: tuple = (False, True)
     dora: tuple = (False, True)
     lr: Optional[tuple] = None
+    experts: tuple = (False, True)
 
     def around(self, lr: float) -> "Space":
         """This space with the default lr range filled in: a decade either side of ``lr`` (capped below 1)."""
@@ -89,7 +93,7 @@ def parse_space(data: dict) -> Space:
         kw["targets"] = _choices("targets", data["targets"], lambda v: v in TARGET_SETS, ", ".join(TARGET_SETS))
     if "alpha" in data:
         kw["alpha"] = tuple(float(a) for a in _choices("alpha", data["alpha"], _positive, "positive numbers"))
-    for key in ("rslora", "dora"):
+    for key in ("rslora", "dora", "experts"):
         if key in data:
             kw[key] = _choices(key, data[key], lambda v: isinstance(v, bool), "true, false")
     return Space(**kw)
@@ -107,12 +111,14 @@ def _positive(v) -> bool:
 
 def sample(trial, space: Space) -> dict:
     """One point of ``space`` from an Optuna trial (fixed params of an enqueued trial are taken as given)."""
-    return {"r": trial.suggest_int("r", space.r[0], space.r[1], log=True),
-            "targets": trial.suggest_categorical("targets", list(space.targets)),
-            "alpha": trial.suggest_categorical("alpha", list(space.alpha)),
-            "rslora": trial.suggest_categorical("rslora", list(space.rslora)),
-            "dora": trial.suggest_categorical("dora", list(space.dora)),
-            "lr": trial.suggest_float("lr", space.lr[0], space.lr[1], log=True)}
+    point = {"r": trial.suggest_int("r", space.r[0], space.r[1], log=True),
+             "targets": trial.suggest_categorical("targets", list(space.targets)),
+             "alpha": trial.suggest_categorical("alpha", list(space.alpha)),
+             "rslora": trial.suggest_categorical("rslora", list(space.rslora))}
+    experts = trial.suggest_categorical("experts", list(space.experts)) if space.experts != (False,) else False
+    dora = trial.suggest_categorical("dora", list(space.dora)) if not experts else False
+    return {**point, "dora": dora, "lr": trial.suggest_float("lr", space.lr[0], space.lr[1], log=True),
+            **({"experts": True} if experts else {})}
 
 
 def within(params: dict, space: Space) -> dict:
@@ -144,13 +150,21 @@ def trial_lora(model: nn.Module, params: dict, probed: Optional[LoraConfig] = No
         base = scaled_pattern(probed, params["r"])
     else:
         base = LoraConfig(r=params["r"], target_modules=target_spec(model, params["targets"]))
+    if params.get("experts"):
+        from .suggest import experts_rule
+
+        moe = experts_rule(model, params["r"])
+        if moe is not None:
+            base = replace(base, target_parameters="experts", rank_pattern={**base.rank_pattern,
+                                                                             **moe["rank_pattern"]})
     return replace(base, lora_alpha=float(params["alpha"]), use_rslora=bool(params["rslora"]),
-                   use_dora=bool(params["dora"]))
+                   use_dora=bool(params["dora"]) and not params.get("experts"))
 
 
 def trial_label(params: dict) -> str:
     """A short line for a point: "r=8 all-linear alpha=16 lora lr=8.4e-04"."""
-    variant = "+".join(v for v, on in (("dora", params.get("dora")), ("rslora", params.get("rslora"))) if on)
+    variant = "+".join(v for v, on in (("dora", params.get("dora")), ("rslora", params.get("rslora")),
+                                         ("experts", params.get("experts"))) if on)
     return (f"r={params.get('r')} {params.get('targets')} alpha={params.get('alpha', 0):g} {variant or 'lora'} "
             f"lr={params.get('lr', 0):.2e}")
 

@@ -8,13 +8,15 @@ loss) and the suggested / probed points marked.
 
 Grid syntax: ``"r=4,8,16;targets=qv,all-linear;variant=lora,dora"`` (the product of all values). Keys:
 ``r`` (ranks), ``targets`` (qv | attention | mlp | all-linear | module names joined by '+'), ``variant``
-(lora | dora | rslora), ``alpha`` (numbers, or ``2r``: alpha = 2·r). The default is the one alpha convention of
-``suggest``, ``probe`` and ``tune`` (``suggest.LORA_ALPHA`` = 16 at every rank): with Adam an update moves by about
-alpha·lr whatever the rank, so one learning rate serves the whole grid (docs/guidance.md).
+(lora | dora | rslora), ``alpha`` (numbers, or ``2r``: alpha = 2·r), ``experts`` (off | on: a mixture-of-experts
+model's expert weights too, at r/k per expert as ``suggest`` advises; no DoRA there). The default is the one alpha
+convention of ``suggest``, ``probe`` and ``tune`` (``suggest.LORA_ALPHA`` = 16 at every rank): with Adam an update
+moves by about alpha·lr whatever the rank, so one learning rate serves the whole grid (docs/guidance.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -26,7 +28,7 @@ from ..lora_config import LoraConfig
 from .results import Column, markdown, number, pareto_front, with_mark, write_results
 from .suggest import LORA_ALPHA
 
-GRID_KEYS = ("r", "targets", "variant", "alpha")
+GRID_KEYS = ("r", "targets", "variant", "alpha", "experts")
 VARIANTS = ("lora", "dora", "rslora")
 
 
@@ -64,6 +66,10 @@ def _grid_value(key: str, value: str):
         if value not in VARIANTS:
             raise ConfigError(f"grid variant={value!r} is invalid: expected {', '.join(VARIANTS)}")
         return value
+    if key == "experts":
+        if value not in ("off", "on"):
+            raise ConfigError(f"grid experts={value!r} is invalid: expected off or on")
+        return value == "on"
     if key == "alpha":
         if value == "2r":
             return value
@@ -81,7 +87,7 @@ def point_name(point: dict) -> str:
     """A folder name for a grid point, e.g. "r8-qv-lora" (alpha added when not the default LORA_ALPHA)."""
     targets = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(point["targets"]))
     alpha = "" if point["alpha"] == LORA_ALPHA else "-a2r" if point["alpha"] == "2r" else f"-a{point['alpha']:g}"
-    return f"r{point['r']}-{targets}-{point['variant']}{alpha}"
+    return f"r{point['r']}-{targets}-{point['variant']}{alpha}" + ("-experts" if point.get("experts") else "")
 
 
 def point_config(model, point: dict) -> LoraConfig:
@@ -93,8 +99,16 @@ def point_config(model, point: dict) -> LoraConfig:
         else target_spec(model, targets)
     r = point["r"]
     alpha = 2 * r if point["alpha"] == "2r" else point["alpha"]
+    experts = {}
+    if point.get("experts"):
+        from .suggest import experts_rule
+
+        moe = experts_rule(model, r)
+        if moe is None:
+            raise ConfigError("grid experts=on: this model has no mixture-of-experts weights")
+        experts = dict(target_parameters="experts", rank_pattern=moe["rank_pattern"])
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=spec, use_dora=point["variant"] == "dora",
-                      use_rslora=point["variant"] == "rslora")
+                      use_rslora=point["variant"] == "rslora", **experts)
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -147,6 +161,8 @@ def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, *, quiet: 
 
 def _targets_text(lora: LoraConfig) -> str:
     t = lora.target_modules
+    if lora.target_parameters:
+        return _targets_text(dataclasses.replace(lora, target_parameters=None, rank_pattern={})) + "+experts"
     if isinstance(t, str):
         return t
     if lora.rank_pattern or len(t) > 6:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import ConfigError, DataError
+from ..experts import expert_weights
 from ..files import read_json, write_json
 from ..lora_config import LoraConfig
 from .space import Space, sample, trial_label, trial_lora, within
@@ -461,8 +462,9 @@ def first_trials(job: TuneJob, ctx: Context, complexity: Optional[str]) -> tuple
                 runtime=ctx.runtime, device=ctx.device)
     targets = "all-linear" if s.config.target_modules == "all-linear" else "qv"
     space = job.space.around(s.lr)
+    experts = {"experts": True} if s.config.target_parameters and True in space.experts else {}
     first = [(within({"r": s.config.r, "targets": targets, "alpha": s.config.lora_alpha, "rslora": False,
-                      "dora": s.config.use_dora, "lr": s.lr}, space), "suggested")]
+                      "dora": s.config.use_dora, "lr": s.lr, **experts}, space), "suggested")]
     if ctx.probed is not None:
         first.append((within({"r": ctx.probed.r, "targets": "probed", "alpha": ctx.probed.lora_alpha,
                               "rslora": False, "dora": False, "lr": s.lr}, space), "probed"))
@@ -524,6 +526,8 @@ def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Op
     runtime = current_rss()
     cfg = TrainConfig.from_dict(dict(job.settings))
     meta = meta_model(resolve_model_dir(cfg))
+    if not expert_weights(meta):  # a dense model: nothing for the experts knob to switch
+        job.space = replace(job.space, experts=(False,))
     ctx = Context(meta, None, runtime, resolve_device(cfg.device)[0])  # the trials' device (an absent one: exit 2)
     device_budget(job, ctx, say)
     preload_model_type(getattr(meta.config, "model_type", "") or "none")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import peft_format
 from ..devices import accumulation_dtype, device_label, resolve_device
 from ..errors import DataError, TrainingError
-from ..experts import left_out_note
+from ..experts import expert_weights, left_out_note
 from ..files import read_json, write_json, write_text
 from ..hf import (
     DTYPES,
@@ -337,8 +337,11 @@ def quantize_base(state: RunState, model) -> None:
             for n, m in model.named_modules() if n not in names and isinstance(getattr(m, "weight", None), torch.Tensor)
             and m.weight.dim() >= 2]
     more = f" and {len(kept) - 4} more" if len(kept) > 4 else ""
+    experts = expert_weights(model)
     state.say(f"quantized {len(names)} linear layers to {fmt} ({state.cfg.dtype} compute)"
-              + (f"; kept in {state.cfg.dtype}: {', '.join(kept[:4])}{more}" if kept else ""))
+              + (f"; kept in {state.cfg.dtype}: {', '.join(kept[:4])}{more}" if kept else "")
+              + (f"; {len(experts)} mixture-of-experts weights stay in {state.cfg.dtype} (torchao's {fmt} tensors "
+                 "are 2D, and the experts' grouped matmuls need dense per-expert matrices)" if experts else ""))
 
 
 def training_set(state: RunState) -> None:
