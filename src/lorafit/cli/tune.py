@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
                    "(default: none)")
     p.add_argument("--seeds", type=positive_int, default=1, help="re-train the top 3 configs with K seeds and report "
                    "mean ± std (default: 1, no re-training)")
-    p.add_argument("--space", help="search-space YAML: r, targets, alpha, rslora, dora, lr (default: the full "
+    p.add_argument("--space", help="search-space YAML: r, targets, alpha, rslora, dora, lr, experts (default: the full "
                    "space, see docs/guidance.md)")
     p.add_argument("--pruner", choices=["halving", "hyperband"], default="halving", help="successive halving or "
                    "Hyperband (default: halving)")
