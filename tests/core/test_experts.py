@@ -293,3 +293,20 @@ def test_the_fast_path_runs_on_the_meta_device(monkeypatch):
     model(torch.zeros(2, 9, dtype=torch.long, device="meta")).logits.sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(calls) == 2 and len(grads) == 8 and all(g.device.type == "meta" for g in grads)
+
+
+def test_inspect_reads_expert_weights_per_expert(tmp_path):
+    from lorafit.advise.adapter_summary import adapter_modules
+
+    model = lorafit.attach(tiny_moe("gpt_oss"), config(rank_pattern={"down_proj": 3}))
+    lorafit.save(model, tmp_path)
+    _, rows = adapter_modules(tmp_path)
+    rows = {r["name"]: r for r in rows}
+    for i in range(2):
+        block = model.model.layers[i].mlp.experts
+        for leaf in ("gate_up_proj", "down_proj"):
+            layer = experts.param_layers(block)[leaf]
+            row = rows[f"model.layers.{i}.mlp.experts.{leaf}"]
+            e, n_in, n_out = layer.n_experts, layer.in_features, layer.out_features
+            assert (row["r"], row["shape"], row["kind"]) == (layer.adapter.r, (e, n_out, n_in), "experts")
+            assert row["delta_norm"] == pytest.approx(layer.delta(layer.adapter).norm().item(), rel=1e-5)
