@@ -78,7 +78,7 @@ def left_out_note(model: nn.Module, target_names) -> str | None:
 
 class ParamLayer(LoraLayer):
     """Named adapters over one parameter ``param_name`` of ``owner``: a child of the owner named
-    ``lora_<param_name>``, holding the parameter by reference (never registered twice, so the model's state_dict
+    ``lora_<param_name>``, reading the parameter from the owner (never registered twice, so the model's state_dict
     keys stay as they were). The owner's forward becomes ``experts_forward`` while it holds a ParamLayer."""
 
     kind = "param"
@@ -87,17 +87,21 @@ class ParamLayer(LoraLayer):
         nn.Module.__init__(self)
         self.enabled = True
         self.train(owner.training)
-        weight = getattr(owner, param_name)
         object.__setattr__(self, "base", self)  # Adapter and adapter_shapes read .weight and the dims from here
-        object.__setattr__(self, "weight", weight)  # by reference, unregistered
         object.__setattr__(self, "owner", owner)
         self.register_parameter("bias", None)
         self.param_name = param_name
+        weight = self.weight
         self.transposed = bool(getattr(owner, "is_transposed", False))
         self.n_experts, self.in_features, self.out_features = param_dims(weight, self.transposed)
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.routing = None
+
+    @property
+    def weight(self) -> Tensor:
+        """The owner's parameter as it is now (never a stale reference: FSDP2 and ``.to()`` may replace it)."""
+        return getattr(self.owner, self.param_name)
 
     def extra_repr(self) -> str:
         return f"{self.param_name}, {tuple(self.weight.shape)}, active={list(self.active)}"

@@ -97,3 +97,27 @@ def test_sweep_switches_the_experts_off_and_on(moe_dir, data, tmp_path, capsys):
     assert "| r4-qv-lora-experts | 4 | q_proj+v_proj+experts | lora | 2,688 |" in text
     cfg = json.loads((out / "r4-qv-lora-experts" / "adapter_config.json").read_text())
     assert len(cfg["target_parameters"]) == 4 and set(cfg["rank_pattern"].values()) == {2}  # r/k, k = 2
+
+
+def test_merge_and_generate_from_an_expert_adapter(moe_dir, data, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(moe_dir), "--data", str(data), "--output", str(out),
+                 "--target-parameters", "experts", "--lr", "1e-2", *FAST]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(moe_dir), "--adapter", str(out), "--output", str(merged)]) == 0
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapted = lorafit.load(AutoModelForCausalLM.from_pretrained(moe_dir), out).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    base = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
+    with torch.no_grad():
+        want = adapted(x).logits
+        torch.testing.assert_close(plain(x).logits, want, rtol=1e-4, atol=1e-5)
+        assert (base(x).logits - want).abs().max() > 1e-4  # the adapter moved the model
+    capsys.readouterr()
+    assert main(["generate", "--model", str(moe_dir), "--adapter", str(out), "--prompt", "Review: good",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
