@@ -121,3 +121,19 @@ def test_merge_and_generate_from_an_expert_adapter(moe_dir, data, tmp_path, caps
     assert main(["generate", "--model", str(moe_dir), "--adapter", str(out), "--prompt", "Review: good",
                  "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_the_advisers_take_target_parameters(moe_dir, data, tmp_path, capsys):
+    assert main(["suggest", "--model", str(moe_dir), "--goal", "efficiency", "--target-parameters", "experts"]) == 0
+    text = capsys.readouterr().out
+    assert "target_modules=['q_proj', 'v_proj'] target_parameters='experts'" in text and "(4 layers)" in text
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(moe_dir), "--data", str(data), "--grid", "r=4;targets=qv", "--steps", "1",
+                 "--batch-size", "4", "--eval-max", "4", "--target-parameters", "mlp.experts.down_proj",
+                 "--output", str(out)]) == 0
+    cfg = json.loads((out / "r4-qv-lora" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    capsys.readouterr()
+    assert main(["tune", "--model", str(moe_dir), "--data", str(data), "--trials", "1", "--output",
+                 str(tmp_path / "tune"), "--target-parameters", "mlp.experts.down_proj"]) == 2
+    assert "takes 'experts'" in capsys.readouterr().err and not (tmp_path / "tune").exists()

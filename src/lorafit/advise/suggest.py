@@ -47,7 +47,7 @@ LoRA Without Regret https://thinkingmachines.ai/blog/lora/.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import torch
@@ -284,6 +284,14 @@ def experts_rule(model: nn.Module, r: int) -> Optional[dict]:
                 share=share)
 
 
+def with_parameters(model: nn.Module, cfg: LoraConfig, spec) -> LoraConfig:
+    """``cfg`` with ``spec`` (target_parameters: names, or 'experts') added; expert weights at r/k per expert
+    (``experts_rule``), other parameters at r."""
+    moe = experts_rule(model, cfg.r)
+    pattern = {**cfg.rank_pattern, **(moe["rank_pattern"] if moe else {})}
+    return replace(cfg, target_parameters=spec, rank_pattern=pattern, use_dora=False)
+
+
 def _count(model: nn.Module, cfg: LoraConfig) -> int:
     return sum(adapter_parameters(model, select_targets(model, cfg), cfg.use_dora).values())
 
@@ -304,18 +312,18 @@ class _Fit:
     gc: bool = False
     accum: int = 1
     targets_why: str = ""
+    params: Union[list[str], str, None] = None  # target_parameters the user gave: in every candidate
     notes: list[str] = field(default_factory=list)  # what the budgets changed, in order
     device: torch.device = torch.device("cpu")  # whose memory the estimate is of (the CPU's RSS, or a GPU's)
 
     def config(self) -> LoraConfig:
         spec = target_spec(self.model, self.targets, self.roles)
         alpha = LORA_ALPHA  # the convention: the same alpha at every rank (module docstring)
-        moe = experts_rule(self.model, self.r) if self.targets == "all-linear" else None
-        extra = {} if moe is None else dict(target_parameters="experts", rank_pattern=moe["rank_pattern"])
-        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank (not on
-        # expert weights, which take no DoRA)
-        return LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
-                          use_dora=self.complexity == "complex" and self.r < 16 and moe is None, **extra)
+        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank
+        cfg = LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
+                         use_dora=self.complexity == "complex" and self.r < 16)
+        params = self.params or ("experts" if self.targets == "all-linear" and expert_weights(self.model) else None)
+        return cfg if params is None else with_parameters(self.model, cfg, params)  # expert weights: no DoRA
 
     def size(self) -> tuple[int, MemoryEstimate]:
         n = _count(self.model, self.config())
@@ -365,7 +373,7 @@ def _fit_memory(fit: _Fit, rule: dict, n_budget: Optional[int], mem_budget: int,
 def _choice_reasons(fit: _Fit, cfg: LoraConfig, goal: str) -> list[str]:
     """One line per choice (targets, rank, alpha, DoRA) with the rule and the paper behind it."""
     names = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules)
-    n_modules, r = len(select_targets(fit.model, cfg)), fit.r
+    n_modules, r = len([t for t in select_targets(fit.model, cfg) if t.kind != "param"]), fit.r
     if fit.targets == "all-linear":
         out = [f"target_modules=all-linear ({n_modules} layers): goal {goal}; the best quality comes from "
                "adapting every linear layer at moderate rank (QLoRA §4)"]
@@ -390,14 +398,18 @@ def _choice_reasons(fit: _Fit, cfg: LoraConfig, goal: str) -> list[str]:
 def _experts_reasons(fit: _Fit, cfg: LoraConfig) -> list[str]:
     """On a mixture-of-experts model: why the expert weights are in (at which rank per expert) or left out."""
     moe = experts_rule(fit.model, fit.r)
+    if fit.params is not None and fit.params != "experts":
+        return [f"target_parameters={fit.params}: as given" + (f", expert weights at r={moe['r_expert']} (r/k)"
+                                                              if moe and moe["rank_pattern"] else "")]
     if moe is None:
         return []
     if not cfg.target_parameters:
         return [left_out_note(fit.model, [t.name for t in select_targets(fit.model, cfg)]) +
                 f" ({fit.targets_why or 'the goal'} keeps to q, v)"]
     k, e, r_e = moe["top_k"], moe["n_experts"], moe["r_expert"]
-    return [f"target_parameters=experts ({moe['count']} expert weights, {moe['share']:.0%} of the parameters): "
-            "'all linear layers' on a MoE model means its experts too, which are 3D parameters, not linear layers",
+    why = "as given" if fit.params else ("'all linear layers' on a MoE model means its experts too, which are 3D "
+                                         "parameters, not linear layers")
+    return [f"target_parameters=experts ({moe['count']} expert weights, {moe['share']:.0%} of the parameters): {why}",
             f"r={r_e} per expert (rank_pattern): each token passes through k={k} of the {e} experts, so r/k per "
             f"expert gives a token the adapter capacity of a dense layer at r={fit.r} (k x r/k), while each "
             f"expert, seeing about k/E = {k}/{e} of the tokens, has less data to fit a larger update; lorafit's "
@@ -438,7 +450,8 @@ def device_budget(device: torch.device, memory_budget: Optional[int]) -> tuple[O
 def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_budget: Union[int, str, None] = None,
             param_budget: Union[int, str, None] = None, goal: str = "quality", batch_size: int = 8,
             max_length: int = 256, runtime: Optional[int] = None,
-            device: Union[torch.device, str, None] = None) -> Suggestion:
+            device: Union[torch.device, str, None] = None,
+            target_parameters: Union[list[str], str, None] = None) -> Suggestion:
     """The LoRA configuration the rules of thumb give for ``model`` and the task, within the budgets.
 
     Args:
@@ -452,6 +465,8 @@ def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_bu
         runtime: the process baseline in bytes (default this process's peak RSS, as ``plan``).
         device: where the run trains: None or the CPU estimates its peak RSS; CUDA estimates the GPU's memory, and
             without ``memory_budget`` the GPU's free memory is the budget (a name is resolved as ``--device``).
+        target_parameters: parameters (names, or 'experts') every candidate adapts; by default a mixture-of-experts
+            model's expert weights join "all linear layers" (module docstring).
     """
     if complexity is not None and complexity not in COMPLEXITIES:
         raise ConfigError(f"complexity={complexity!r} is invalid: expected simple or complex")
@@ -467,7 +482,7 @@ def suggest(model: nn.Module, complexity: Optional[str] = "simple", *, memory_bu
     rule = RULES[(complexity, goal)]
     targets = rule["targets"] if rule["targets"] != "qv" or roles.qv else "all-linear"  # no attention: all linear
     fit = _Fit(model, roles, complexity, max_length, runtime, targets, rule["r"], batch_size,
-               targets_why=f"goal {goal}", device=device)
+               targets_why=f"goal {goal}", params=target_parameters, device=device)
     if n_budget is not None:
         _fit_params(fit, rule, n_budget)
     if mem_budget is not None:

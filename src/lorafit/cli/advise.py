@@ -27,6 +27,7 @@ from .common import (
     add_max_length_flag,
     add_model_flag,
     add_output_flag,
+    add_target_parameters_flag,
     device_line,
     non_negative_int,
     positive_int,
@@ -55,7 +56,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     model = meta_model(model_dir)
     s = suggest(model, complexity=args.complexity, memory_budget=args.memory_budget,
                 param_budget=args.param_budget, goal=args.goal, batch_size=args.batch_size,
-                max_length=args.max_length, runtime=current_rss(), device=device)
+                max_length=args.max_length, runtime=current_rss(), device=device,
+                target_parameters=args.target_parameters)
     cfg = s.config
     print(f"suggested LoRA config for {model_dir}: r={cfg.r} lora_alpha={cfg.lora_alpha:g} "
           f"target_modules={cfg.target_modules!r}" + (" use_dora=true" if cfg.use_dora else "")
@@ -121,7 +123,7 @@ def _probed_point(args: argparse.Namespace, settings: dict, out: Path):
 
 def sweep_points(args: argparse.Namespace, settings: dict, out: Path, meta) -> tuple[dict, dict]:
     """({point name: LoraConfig}, {point name: mark}) for --grid, --include-probed and --include-suggested."""
-    from ..advise.suggest import suggest
+    from ..advise.suggest import suggest, with_parameters
     from ..advise.sweep import parse_grid, point_config, point_name
     from ..train.train_config import TrainConfig
 
@@ -142,6 +144,8 @@ def sweep_points(args: argparse.Namespace, settings: dict, out: Path, meta) -> t
         points["suggested"] = s.config
         marked["suggested"] = "suggested"
         print("suggested: " + "; ".join(s.reasons[:3]))
+    if args.target_parameters is not None:  # in every point
+        points = {n: with_parameters(meta, cfg, args.target_parameters) for n, cfg in points.items()}
     return points, marked
 
 
@@ -180,6 +184,7 @@ def add_suggest_parser(sub) -> None:
                    "(default: 8)")
     add_max_length_flag(p, "what the memory check assumes")
     add_device_flag(p, "the memory check estimates its memory (a GPU's, or the CPU's peak RSS)")
+    add_target_parameters_flag(p, "in the suggested config", "a MoE model's expert weights with all linear layers")
     add_output_flag(p, "a YAML config for `lorafit train --config`", default="print only")
     p.set_defaults(func=cmd_suggest, needs=("transformers", "yaml"))
 
@@ -229,6 +234,7 @@ def add_sweep_parser(sub) -> None:
                    "(default: the probe's, else simple)")
     p.add_argument("--budget", help="adapter parameter budget for the probed and suggested points (default: none)")
     p.add_argument("--verbose", action="store_true", help="show each run's progress (default: log lines only)")
+    add_target_parameters_flag(p, "in every point", "none; the grid key experts=off,on switches them")
     add_output_flag(p, "the sweep folder; rerun with it to resume", default="runs/sweep-<timestamp>")
     p.set_defaults(func=cmd_sweep, needs=RUN_NEEDS)
 

@@ -53,6 +53,13 @@ def target_parameters_arg(value: str):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def add_target_parameters_flag(p: argparse.ArgumentParser, where: str, default: str) -> None:
+    """--target-parameters for the advisers: parameters adapted ``where`` (expert weights at r/k per expert)."""
+    p.add_argument("--target-parameters", type=target_parameters_arg, help=shared_help(
+        f"parameters adapted directly {where}", "'experts' (every MoE expert weight, at r/k per expert) or "
+        "comma-separated names", default))
+
+
 def int_at_least(low: int):
     """An argparse type: an integer >= ``low``, with one clear message otherwise."""
     what = "a positive integer" if low == 1 else f"an integer >= {low}"

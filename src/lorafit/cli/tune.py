@@ -10,10 +10,12 @@ Rerun the same command to resume; start it on several machines with one --storag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
-from .common import RUN_NEEDS, add_output_flag, positive_int, read_yaml
+from ..errors import ConfigError
+from .common import RUN_NEEDS, add_output_flag, add_target_parameters_flag, positive_int, read_yaml
 from .train import RUN_FLAGS, add_run_flags, run_settings
 
 TUNE_NEEDS = RUN_NEEDS + ("optuna",)
@@ -30,6 +32,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if settings.get(key):
             settings[key] = str(Path(settings[key]).expanduser().resolve())
     space = parse_space(read_yaml(args.space)) if args.space else Space()
+    if args.target_parameters is not None:
+        if args.target_parameters != "experts":
+            raise ConfigError("tune --target-parameters takes 'experts' (every trial adapts the expert weights, at "
+                              "r/k per expert); name other parameters in `lorafit sweep --target-parameters` or "
+                              "`lorafit train`")
+        space = dataclasses.replace(space, experts=(True,))
     out = Path(args.output or Path("runs") / time.strftime("tune-%Y%m%d-%H%M%S"))
     job = TuneJob(settings=settings, output=out, trials=args.trials, space=space, storage=args.storage,
                   study=args.study, budget_params=parse_count(args.budget_params),
@@ -62,6 +70,8 @@ def add_parser(sub) -> None:
                    "(default: none)")
     p.add_argument("--seeds", type=positive_int, default=1, help="re-train the top 3 configs with K seeds and report "
                    "mean ± std (default: 1, no re-training)")
+    add_target_parameters_flag(p, "in every trial ('experts' only: the space's experts knob fixed on)",
+                               "the space's experts knob decides")
     p.add_argument("--space", help="search-space YAML: r, targets, alpha, rslora, dora, lr, experts (default: the full "
                    "space, see docs/guidance.md)")
     p.add_argument("--pruner", choices=["halving", "hyperband"], default="halving", help="successive halving or "
