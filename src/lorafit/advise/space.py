@@ -151,12 +151,10 @@ def trial_lora(model: nn.Module, params: dict, probed: Optional[LoraConfig] = No
     else:
         base = LoraConfig(r=params["r"], target_modules=target_spec(model, params["targets"]))
     if params.get("experts"):
-        from .suggest import experts_rule
+        from .suggest import expert_weights, with_parameters
 
-        moe = experts_rule(model, params["r"])
-        if moe is not None:
-            base = replace(base, target_parameters="experts", rank_pattern={**base.rank_pattern,
-                                                                             **moe["rank_pattern"]})
+        if expert_weights(model):
+            base = with_parameters(model, base, "experts")
     return replace(base, lora_alpha=float(params["alpha"]), use_rslora=bool(params["rslora"]),
                    use_dora=bool(params["dora"]) and not params.get("experts"))
 

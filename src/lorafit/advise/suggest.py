@@ -289,7 +289,7 @@ def with_parameters(model: nn.Module, cfg: LoraConfig, spec) -> LoraConfig:
     (``experts_rule``), other parameters at r."""
     moe = experts_rule(model, cfg.r)
     pattern = {**cfg.rank_pattern, **(moe["rank_pattern"] if moe else {})}
-    return replace(cfg, target_parameters=spec, rank_pattern=pattern, use_dora=False)
+    return replace(cfg, target_parameters=spec, rank_pattern=pattern)
 
 
 def _count(model: nn.Module, cfg: LoraConfig) -> int:
@@ -319,11 +319,12 @@ class _Fit:
     def config(self) -> LoraConfig:
         spec = target_spec(self.model, self.targets, self.roles)
         alpha = LORA_ALPHA  # the convention: the same alpha at every rank (module docstring)
-        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank
-        cfg = LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
-                         use_dora=self.complexity == "complex" and self.r < 16)
         params = self.params or ("experts" if self.targets == "all-linear" and expert_weights(self.model) else None)
-        return cfg if params is None else with_parameters(self.model, cfg, params)  # expert weights: no DoRA
+        # a complex task pushed below the rule's rank range by a budget: DoRA recovers most at low rank (but
+        # parameters take no DoRA)
+        cfg = LoraConfig(r=self.r, lora_alpha=alpha, target_modules=spec,
+                         use_dora=self.complexity == "complex" and self.r < 16 and params is None)
+        return cfg if params is None else with_parameters(self.model, cfg, params)
 
     def size(self) -> tuple[int, MemoryEstimate]:
         n = _count(self.model, self.config())

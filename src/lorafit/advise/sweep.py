@@ -99,16 +99,15 @@ def point_config(model, point: dict) -> LoraConfig:
         else target_spec(model, targets)
     r = point["r"]
     alpha = 2 * r if point["alpha"] == "2r" else point["alpha"]
-    experts = {}
-    if point.get("experts"):
-        from .suggest import experts_rule
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=spec, use_rslora=point["variant"] == "rslora",
+                     use_dora=point["variant"] == "dora")
+    if not point.get("experts"):
+        return cfg
+    from .suggest import expert_weights, with_parameters
 
-        moe = experts_rule(model, r)
-        if moe is None:
-            raise ConfigError("grid experts=on: this model has no mixture-of-experts weights")
-        experts = dict(target_parameters="experts", rank_pattern=moe["rank_pattern"])
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=spec, use_dora=point["variant"] == "dora",
-                      use_rslora=point["variant"] == "rslora", **experts)
+    if not expert_weights(model):
+        raise ConfigError("grid experts=on: this model has no mixture-of-experts weights")
+    return with_parameters(model, cfg, "experts")  # a DoRA point is refused there (no DoRA on parameters)
 
 
 # --- running ---------------------------------------------------------------------------------------------
