@@ -93,6 +93,12 @@ def device_label(device: torch.device, dtype: Optional[torch.dtype] = None) -> s
     return f"{device}" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def device_line(device: torch.device, dtype: Optional[torch.dtype] = None, why: str = "", extra: str = "") -> str:
+    """Every command's first line, e.g. ``device: cuda:0 (NVIDIA H100 80GB HBM3, float32), sdpa attention (asked)``
+    (``extra``: what follows the device, as train's attention kernel)."""
+    return f"device: {device_label(device, dtype)}" + (f", {extra}" if extra else "") + (f" ({why})" if why else "")
+
+
 def accumulation_dtype(device) -> torch.dtype:
     """float64 for sums of many terms (losses, Fisher traces, sketches, dot products), float32 where the device has no
     float64 (Apple's MPS): float32 sums of n terms err by at most ~n·2⁻²⁴ relative, pairwise ones by ~log2(n)·2⁻²⁴

@@ -134,7 +134,9 @@ def test_tune_budget_defaults_to_the_gpu_s_free_memory(fake_gpu):
     ctx = Context(meta=None, probed=None, runtime=0, device=CUDA)
     device_budget(job, ctx, said.append)
     assert job.memory_budget == 60 * GiB and ctx.memory_why == "the free memory of cuda:0"
-    assert said and said[0].startswith("memory budget: the 61,440 MiB free of 81,920 MiB on cuda:0")
+    assert said and said[0].startswith("memory budget: the 60.00 GiB free of 80.00 GiB on cuda:0 "
+                                       "(torch.cuda.mem_get_info)")
+    assert said[0].endswith("plan's GPU estimate prunes trials over it")
     assert over_budget(job, 1, 61 * GiB).startswith("over the memory budget")
     job, ctx = TuneJob(settings={}, output=None, trials=1, memory_budget=GiB), Context(None, None, 0, CUDA)
     device_budget(job, ctx, said.append)  # a budget given wins

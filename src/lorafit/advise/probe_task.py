@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, Union
 
-from ..devices import device_label, resolve_device
+from ..devices import device_line, resolve_device
 from ..hf import DTYPES, load_model, to_device
 from ..train.data import sample_batches
 from ..train.loop import load_task, resolve_model_dir
@@ -35,7 +35,7 @@ def run_probe(settings: dict, *, batches: int = 4, budget: Union[int, str, None]
     """
     cfg = TrainConfig.from_dict(dict(settings))
     device, why = resolve_device(cfg.device)  # an absent device fails here, before any work
-    say(f"device: {device_label(device, DTYPES[cfg.dtype])} ({why})")
+    say(device_line(device, DTYPES[cfg.dtype], why))
     task = load_task(cfg)
     model_dir = resolve_model_dir(cfg)
     model, tok = load_model(model_dir, cfg.dtype, device=device, attn_implementation=cfg.attn_implementation)

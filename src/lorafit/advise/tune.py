@@ -503,14 +503,14 @@ def check_budgets(job: TuneJob, ctx: Context) -> None:
 def device_budget(job: TuneJob, ctx: Context, say: Callable[[str], None]) -> None:
     """On a CUDA device without --memory-budget, the GPU's free memory becomes the budget (said on a line). It is
     read in this process, whose CUDA context stays while the trials run, so the trials' budget leaves it out."""
-    from .plan import cuda_memory
+    from .suggest import device_budget as gpu_budget
 
-    if job.memory_budget is not None or ctx.device is None or ctx.device.type != "cuda":
+    if ctx.device is None:
         return
-    free, total = cuda_memory(ctx.device)
-    job.memory_budget, ctx.memory_why = free, f"the free memory of {ctx.device}"
-    say(f"memory budget: the {free / 2**20:,.0f} MiB free of {total / 2**20:,.0f} MiB on {ctx.device} "
-        "(torch.cuda.mem_get_info; no --memory-budget given); plan's GPU estimate prunes trials over it")
+    budget, lines = gpu_budget(ctx.device, job.memory_budget)  # suggest's rule: one source
+    if lines:
+        job.memory_budget, ctx.memory_why = budget, f"the free memory of {ctx.device}"
+        say(f"{lines[0]}; plan's GPU estimate prunes trials over it")
 
 
 def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Optional[str]]:

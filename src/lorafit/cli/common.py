@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..devices import device_label
+from ..devices import device_line  # noqa: F401 - the commands import it from here
 from ..errors import ConfigError, MissingExtraError
 from ..train.train_config import DEVICE_HELP, MAX_LENGTH_HELP, MODEL_HELP, OUTPUT_HELP, TrainConfig
 
@@ -131,11 +131,6 @@ def add_device_flag(p: argparse.ArgumentParser, clause: Optional[str] = None) ->
     one ConfigError line, exit 2, not argparse's usage text."""
     p.add_argument("--device", default="auto", metavar=METAVARS["--device"],
                    help=shared_help(DEVICE_HELP, clause, "auto"))
-
-
-def device_line(device, dtype=None, why: str = "") -> str:
-    """A command's first line, as `lorafit train`'s: ``device: cuda:0 (NVIDIA H100 80GB HBM3, float32) (asked)``."""
-    return f"device: {device_label(device, dtype)}" + (f" ({why})" if why else "")
 
 
 def _yaml_loader():

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import peft_format
-from ..devices import accumulation_dtype, device_label, resolve_device
+from ..devices import accumulation_dtype, device_line, resolve_device
 from ..errors import DataError, TrainingError
 from ..experts import expert_weights, left_out_note
 from ..files import read_json, write_json, write_text
@@ -252,8 +252,8 @@ def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: 
         return summary
     if state.device.type == "cuda" and cfg.dtype == "float32":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls (Ampere and later), as HF Trainer's tf32=True
-    state.say(f"device: {device_label(state.device, DTYPES[cfg.dtype])}, {cfg.attn_implementation or 'default'} "
-              f"attention ({device_why})")
+    state.say(device_line(state.device, DTYPES[cfg.dtype], device_why,
+                          f"{cfg.attn_implementation or 'default'} attention"))
     for note in notes:
         state.say(note)
     prepare(state, resume=resume)
