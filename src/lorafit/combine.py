@@ -287,8 +287,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], method: str = "linea
     weights = _check_weights(state, weights)
     params = [n for n in weights if state.adapters[n].config.target_parameters]
     if params:
-        raise AdapterError(f"lorafit.combine does not combine adapters on expert parameters (target_parameters) yet; "
-                           f"{params[0]!r} has them")
+        raise AdapterError(f"lorafit.combine does not combine adapters on expert parameters (target_parameters), "
+                           f"as PEFT's add_weighted_adapter does not; {params[0]!r} has them")
     opts = _check_options(method, len(weights), density=density, sign_method=majority_sign_method,
                           svd_rank=svd_rank, svd_clamp=svd_clamp, full_matrices=svd_full_matrices, seed=seed)
     modules = [(lname, layer, parts) for lname, layer in adapter_layers(model)
