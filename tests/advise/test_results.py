@@ -43,3 +43,18 @@ def test_write_results_writes_the_callers_columns_and_a_png(tmp_path):
 def test_plot_pareto_without_any_eval_loss(tmp_path):
     out = plot_pareto([{"trainable": 10, "eval_loss": None}], tmp_path / "p.png", title="empty")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_far_pruned_trial_does_not_flatten_the_completed_ones(tmp_path):
+    """tune's pareto.png on a real study: one trial pruned at eval loss 4.26 squashed seven near 0.1 into a line.
+    The loss axis now spans the completed trials; the pruned one sits at the top edge with its value."""
+    from lorafit.advise.results import loss_limits
+
+    rows = [{"trainable": 10_000 * (i + 1), "eval_loss": 0.08 + 0.01 * i, "state": "complete"} for i in range(7)]
+    rows.append({"trainable": 50_000, "eval_loss": 4.26, "state": "pruned"})
+    low, high, above = loss_limits(rows)
+    assert low < 0.08 and 0.14 < high < 0.25 and [r["eval_loss"] for r in above] == [4.26]
+    assert loss_limits(rows[:7]) is None  # nothing beyond: matplotlib's own limits
+    near = rows[:7] + [{"trainable": 1, "eval_loss": 0.16, "state": "pruned"}]
+    assert loss_limits(near) is None  # a pruned trial within reach stays on the plot as it is
+    assert plot_pareto(rows, tmp_path / "p.png", title="study").stat().st_size > 1000

@@ -109,6 +109,7 @@ def plot_pareto(rows: list[dict], path: Path, *, title: str, best: Optional[dict
         for r in (r for r in rows if r.get("std") is not None):
             ax.errorbar([r["trainable"]], [r["mean"]], yerr=[r["std"]], fmt="_", color="k", capsize=4, zorder=4)
         _marks(ax, shown, best)
+        _clip_losses(ax, shown)
         if shown:
             ax.set_xscale("log")
         else:
@@ -137,6 +138,36 @@ def _points(ax, shown: list[dict], label: Optional[Callable[[dict], str]]) -> No
                 lw=1.5, label="Pareto front", zorder=2)
     for r in shown if label is not None else ():
         ax.annotate(label(r), (r["trainable"], r["eval_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+
+
+def loss_limits(shown: list[dict]) -> Optional[tuple[float, float, list[dict]]]:
+    """(low, high, the rows above high) of the loss axis: the completed rows' range with a margin, when a trial
+    pruned at a far higher loss would squeeze them into less than half of the axis; else None (matplotlib's own)."""
+    done = [r["eval_loss"] for r in shown if r.get("state") in (None, "complete")]
+    if not done:
+        return None
+    low, high = min(r["eval_loss"] for r in shown), max(done)
+    if max(r["eval_loss"] for r in shown) - low <= 2 * (high - low) + 1e-12:
+        return None
+    margin = 0.15 * (high - low) or 0.05 * abs(high) or 0.05
+    top = high + 2 * margin
+    return low - margin, top, [r for r in shown if r["eval_loss"] > top]
+
+
+def _clip_losses(ax, shown: list[dict]) -> None:
+    """The loss axis clipped to the completed rows (``loss_limits``); the rows beyond it drawn at the top edge as
+    upward triangles, each with its loss."""
+    limits = loss_limits(shown)
+    if limits is None:
+        return
+    low, high, above = limits
+    ax.set_ylim(low, high)
+    edge = high - 0.02 * (high - low)
+    ax.scatter([r["trainable"] for r in above], [edge] * len(above), marker="^", s=40, color="#888888", zorder=4,
+               label="beyond the axis (loss shown)")
+    for r in above:
+        ax.annotate(f"{r['eval_loss']:.3g}", (r["trainable"], edge), fontsize=7, xytext=(4, -10),
+                    textcoords="offset points", color="#555555")
 
 
 def _marks(ax, shown: list[dict], best: Optional[dict]) -> None:
