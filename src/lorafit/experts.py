@@ -13,8 +13,9 @@ transformers' grouped_mm implementation does, and computes each projection as
 ``grouped_mm(x, W) + s·grouped_mm(grouped_mm(x, Aᵀ), Bᵀ)``: each expert's update on the tokens routed to it, with
 no host read (offsets are counted on the device). PEFT instead materialises W + ΔW for every expert in every forward
 and, in backward, the full (E, out, in) gradient of that sum. The fast path serves transformers' experts modules
-(``use_experts_implementation``: ``has_gate``, ``is_transposed``, ``has_bias``, ``_apply_gate``); any other
-parameter takes the general path, W + ΔW through ``torch.func.functional_call`` (PEFT's arithmetic).
+(``use_experts_implementation``: ``has_gate``, ``is_transposed``, ``has_bias``, ``_apply_gate``) on devices with a
+grouped_mm kernel (CPU, CUDA); any other parameter, and MPS, take the general path, W + ΔW through
+``torch.func.functional_call`` (PEFT's arithmetic).
 
 Dropout and DoRA are refused on parameters, as in PEFT, so that every adapter lorafit writes loads there too.
 """
@@ -32,6 +33,7 @@ from .layers import Adapter, LoraLayer
 from .ops import init_lora
 
 FAST_PARAMS = ("gate_up_proj", "up_proj", "down_proj")  # what transformers' experts implementations project with
+GROUPED_MM_DEVICES = ("cpu", "cuda", "meta")  # where torch.nn.functional.grouped_mm runs; elsewhere (MPS): W + ΔW
 CONTRACT = ("has_gate", "has_bias", "is_transposed", "_apply_gate", "num_experts")
 
 
@@ -182,7 +184,7 @@ def experts_forward(owner: nn.Module, *args, **kwargs) -> Tensor:
     if not used or getattr(owner, "_lorafit_inside", False):
         return type(owner).forward(owner, *args, **kwargs)
     if is_fast_module(owner) and set(used) <= set(FAST_PARAMS) and all(len(a) == 1 for a in used.values()) \
-            and len(args) >= 1 and len(args) - 1 + len(kwargs) == 2:
+            and len(args) >= 1 and len(args) - 1 + len(kwargs) == 2 and args[0].device.type in GROUPED_MM_DEVICES:
         routing = list(args[1:]) + list(kwargs.values())  # (top_k_index, top_k_weights), by any name
         return _fast(owner, layers, used, args[0], routing[0], routing[1])
     params = {n: getattr(owner, n) + sum(layers[n].delta(ad).to(getattr(owner, n).dtype) for ad in ads)

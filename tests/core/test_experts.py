@@ -310,3 +310,13 @@ def test_inspect_reads_expert_weights_per_expert(tmp_path):
             e, n_in, n_out = layer.n_experts, layer.in_features, layer.out_features
             assert (row["r"], row["shape"], row["kind"]) == (layer.adapter.r, (e, n_out, n_in), "experts")
             assert row["delta_norm"] == pytest.approx(layer.delta(layer.adapter).norm().item(), rel=1e-5)
+
+
+def test_a_device_without_grouped_mm_takes_the_general_path(monkeypatch):
+    """MPS has no grouped_mm kernel: there the experts take W + ΔW (PEFT's arithmetic), the same function."""
+    model = lorafit.attach(tiny_moe("qwen3_moe"), config()).eval()
+    with torch.no_grad():
+        fast = model(ids()).logits
+        monkeypatch.setattr(experts, "GROUPED_MM_DEVICES", ("cuda",))  # the CPU plays a device without the kernel
+        monkeypatch.setattr(experts, "_fast", lambda *a, **k: pytest.fail("the fast path ran"))
+        torch.testing.assert_close(model(ids()).logits, fast, **TOL)
