@@ -48,6 +48,7 @@ from ..model import adapter_parameter_names, attach, state_of, trainable_paramet
 from ..quant import check_device
 from ..targets import output_layer_names, select_targets
 from . import distributed as D
+from . import trackers
 from .checkpoint import (
     append_metrics,
     latest_checkpoint,
@@ -191,10 +192,15 @@ class RunState:
     bad: Optional[torch.Tensor] = None  # () on the device: a loss or gradient was non-finite (``steps``)
     read_every: int = 1  # steps between reads of the device (``steps.read_steps``)
     scaler: Any = None  # float16's torch.amp.GradScaler
+    trackers: Any = None  # rank 0's experiment trackers (``trackers.Reporting``), or None
 
-    def log(self, record: dict) -> None:
+    def log(self, *records: dict) -> None:
+        """metrics.jsonl lines (rank 0), and the trackers' in one call (one MLflow request per read interval)."""
         if self.d.main:
-            append_metrics(self.out, record)
+            for record in records:
+                append_metrics(self.out, record)
+            if self.trackers is not None:
+                self.trackers.log(records)
 
     def stopping(self, what: str, step: int, *, before_update: bool = False) -> TrainingError:
         """The error that ends a run at ``step`` because ``what`` (e.g. "loss became nan"), naming what is kept."""
@@ -226,6 +232,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: t
     the device, its dtype, the attention kernel and why; ``notes`` (e.g. why this dtype) follow it.
     """
     device, why = resolve_device(cfg.device)  # an absent device fails here, before any work
+    trackers.check_installed(trackers.parse_report_to(cfg.report_to))  # a missing tracker library too
     if cfg.quantize:
         check_device(cfg.quantize, device)
     d = D.init_distributed(cfg.dist_timeout, device)
@@ -256,10 +263,15 @@ def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: 
                           f"{cfg.attn_implementation or 'default'} attention"))
     for note in notes:
         state.say(note)
-    prepare(state, resume=resume)
-    restore(state)
-    before = fit(state)
-    return finish(state, before)
+    try:
+        prepare(state, resume=resume)
+        restore(state)
+        before = fit(state)
+        return finish(state, before)
+    except BaseException as e:
+        if state.trackers is not None:  # the tracker's run ends marked, not left running
+            state.trackers.finish("FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
 
 
 def prepare(state: RunState, *, resume: bool) -> None:
@@ -399,6 +411,9 @@ def restore(state: RunState) -> None:
     note = left_out_note(state.core, [t.name for t in state_of(state.core).targets])
     if note:
         state.say(note)
+    if state.d.main:
+        names = trackers.parse_report_to(state.cfg.report_to)
+        state.trackers = trackers.start(names, state.out, trackers.run_params(state.cfg, n_train, n_total), state.say)
 
 
 def restore_device_rng(state: RunState, saved: dict) -> None:
@@ -454,8 +469,8 @@ def fit(state: RunState) -> dict:
 
 def log_steps(state: RunState, records: list[dict], bar) -> None:
     """One metrics line per step, the progress bar's loss, and (--quiet) a line every tenth of the run."""
+    state.log(*records)
     for record in records:
-        state.log(record)
         step, loss = record["step"], record["loss"]
         if state.quiet and (step % max(1, state.steps // 10) == 0 or step == state.steps):
             state.say(f"step {step}/{state.steps} loss {loss:.4f}")
@@ -480,6 +495,8 @@ def finish(state: RunState, before: dict) -> dict:
         from .report import plot_run
         plot_run(read_metrics(state.out), state.out / "report.png", title=f"lorafit: {state.task.name}")
         write_json(state.out / "trainer_state.json", summary)
+        if state.trackers is not None:
+            state.trackers.finish("FINISHED")
     state.say(f"after training:  {_fmt(after)}")
     if state.cfg.data is None and not state.d.enabled:
         show_answers(state.core, state.tok, state.task.eval[:3], state.say)

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..hf import BF16_MIN_SPEEDUP, DTYPES, bf16_speed, native_bf16
 from ..lora_config import LoraConfig
 from ..quant import FORMATS
+from .trackers import TRACKERS, parse_report_to
 
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")  # transformers' attn_implementation names
@@ -59,6 +60,11 @@ COUNT = Check(lambda v: _int(v) and v >= 0, "an integer >= 0", int, 0)
 NON_NEGATIVE = Check(lambda v: _number(v) and v >= 0, "a finite number >= 0", float)
 SWITCH = Check(lambda v: isinstance(v, bool), "true or false", bool)
 PATH = Check(lambda v: v is None or isinstance(v, str), "a path")
+
+
+def _trackers_ok(value) -> bool:
+    parse_report_to(value)  # its own ConfigError names the unknown tracker and the choices
+    return True
 
 
 def one_of(choices) -> Check:
@@ -120,6 +126,9 @@ class TrainConfig:
                                                  + " (default: transformers' choice, sdpa where it runs)",
                                                  Check(lambda v: v is None or v in ATTENTION,
                                                        ", ".join(ATTENTION) + " or null"), show_default=False)
+    report_to: str = setting("none", "send the metrics, settings and files to experiment trackers: "
+                             + ", ".join(TRACKERS) + " (comma-separated for several) or none",
+                             Check(_trackers_ok, "none, or " + ", ".join(TRACKERS) + " (comma-separated)"))
     log_every: int = setting(10, "read the loss and gradient norm back from the device every N steps (and before "
                              "every eval and checkpoint); every step still gets its metrics line", POSITIVE_INT)
     add_eos: bool = setting(True, "append EOS to completions and texts", SWITCH)
