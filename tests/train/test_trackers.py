@@ -29,9 +29,13 @@ def data(tmp_path_factory):
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "lorafit-tests")
+    # artifacts in tmp_path: a SQLite store's default artifact root is ./mlruns in the working directory
+    MlflowClient(uri).create_experiment("lorafit-tests", artifact_location=(tmp_path / "artifacts").as_uri())
     return uri
 
 
