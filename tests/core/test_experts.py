@@ -132,9 +132,10 @@ def test_merge_keeps_the_logits_and_restores_the_experts_module(family):
     assert not any("lora" in k for k in model.state_dict())
 
 
-def test_training_moves_only_the_adapters_and_lowers_the_loss():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_moves_only_the_adapters_and_lowers_the_loss(family):
     torch.manual_seed(0)
-    model = lorafit.attach(tiny_moe("qwen3_moe"), config(init_lora_weights=True, lora_alpha=8, r=4))
+    model = lorafit.attach(tiny_moe(family), config(init_lora_weights=True, lora_alpha=8, r=4))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "adapters" not in k}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = ids(3, (4, 12))
