@@ -34,6 +34,14 @@ from .ops import init_lora
 
 FAST_PARAMS = ("gate_up_proj", "up_proj", "down_proj")  # what transformers' experts implementations project with
 GROUPED_MM_DEVICES = ("cpu", "cuda", "meta")  # where torch.nn.functional.grouped_mm runs; elsewhere (MPS): W + ΔW
+
+
+def grouped_mm_runs(device: torch.device) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs on ``device``: torch 2.10+, a device type with a kernel, and
+    on CUDA compute capability 8.0+ (as transformers checks); elsewhere the general path."""
+    if not hasattr(F, "grouped_mm") or device.type not in GROUPED_MM_DEVICES:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 CONTRACT = ("has_gate", "has_bias", "is_transposed", "_apply_gate", "num_experts")
 
 
@@ -176,15 +184,12 @@ def experts_forward(owner: nn.Module, *args, **kwargs) -> Tensor:
     """The owner's forward with its parameters' active adapters: the fast path for transformers' experts modules
     with one active adapter per parameter, else W + ΔW through functional_call (PEFT's arithmetic)."""
     layers = param_layers(owner)
-    if any(layer.routing is not None for layer in layers.values()):
-        raise AdapterError("lorafit.per_row does not yet route expert parameters (target_parameters); run each "
-                           "adapter's rows as their own batch")
     used = {n: _active(layer) for n, layer in layers.items()}
     used = {n: ads for n, ads in used.items() if ads}
     if not used or getattr(owner, "_lorafit_inside", False):
         return type(owner).forward(owner, *args, **kwargs)
     if is_fast_module(owner) and set(used) <= set(FAST_PARAMS) and all(len(a) == 1 for a in used.values()) \
-            and len(args) >= 1 and len(args) - 1 + len(kwargs) == 2 and args[0].device.type in GROUPED_MM_DEVICES:
+            and len(args) >= 1 and len(args) - 1 + len(kwargs) == 2 and grouped_mm_runs(args[0].device):
         routing = list(args[1:]) + list(kwargs.values())  # (top_k_index, top_k_weights), by any name
         return _fast(owner, layers, used, args[0], routing[0], routing[1])
     params = {n: getattr(owner, n) + sum(layers[n].delta(ad).to(getattr(owner, n).dtype) for ad in ads)

@@ -211,6 +211,8 @@ def _check_parameters(value: Any) -> Any:
     """target_parameters: None, the shorthand 'experts', or a non-empty list of parameter names (PEFT: a list)."""
     if value is None or value == EXPERTS:
         return value
+    if isinstance(value, (list, tuple)) and not value:  # PEFT writes [] for "none"
+        return None
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
         return sorted(value) if isinstance(value, set) else list(value)
     _fail("target_parameters", value, f"expected a list of parameter names, e.g. ['mlp.experts.gate_up_proj', "

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterError
+from .experts import ParamLayer
 from .layers import LoraLayer
 from .model import adapter_layers, check_known, state_of
 from .tensors import weight_key
@@ -211,9 +212,11 @@ def per_row(model: nn.Module, names: Sequence[str | None]):
             check_known(state, n)
     if model.training:
         raise AdapterError("lorafit.per_row is for inference; the model is in training mode (call model.eval())")
-    layers = [layer for _, layer in adapter_layers(model)]
+    layers = [layer for _, layer in adapter_layers(model) if not isinstance(layer, ParamLayer)]
     if any(layer.routing is not None for layer in layers):
         raise AdapterError("lorafit.per_row contexts do not nest")
+    # no named adapter has expert weights (below): inside the context every row sees the base experts
+    experts = [layer for _, layer in adapter_layers(model) if isinstance(layer, ParamLayer)]
     params = [n for n in names if n is not None and state.adapters[n].config.target_parameters]
     if params:
         raise AdapterError(f"lorafit.per_row does not route adapters on expert parameters (target_parameters) yet; "
@@ -231,13 +234,18 @@ def per_row(model: nn.Module, names: Sequence[str | None]):
             finally:
                 routing.expand_ok = False
         model.generate = expanding_generate
+    enabled = [layer.enabled for layer in experts]
     try:
         for layer in layers:
             layer.routing = routing
+        for layer in experts:
+            layer.enabled = False
         yield model
     finally:
         for layer in layers:
             layer.routing = None
+        for layer, flag in zip(experts, enabled):
+            layer.enabled = flag
         if generate is None:
             model.__dict__.pop("generate", None)
         else:

@@ -230,6 +230,7 @@ def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> li
     else:
         spec = _default_spec(model) if cfg.target_modules is None else cfg.target_modules
     if not spec:
+        _refuse_overlap(model, [], params)
         return params
     saved = modules_to_save(model, cfg)
     in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
@@ -251,6 +252,11 @@ def select_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> li
 def _refuse_overlap(model: nn.Module, modules: list[Target], params: list[Target]) -> None:
     """A parameter of a module that target_modules already adapts (PEFT refuses it too)."""
     adapted = {t.name for t in modules}
+    for t in modules:
+        taken = [m.param_name for m in model.get_submodule(t.name).children() if isinstance(m, ParamLayer)]
+        if taken:
+            raise ConfigError(f"target module {t.name!r} has its parameter {taken[0]!r} adapted by another adapter "
+                              "(target_parameters); adapt the module or its parameter, not both")
     for p in params:
         owner = p.name.rpartition(".")[0]
         if owner in adapted or isinstance(model.get_submodule(owner), LoraLayer):
@@ -294,6 +300,9 @@ def parameter_targets(model: nn.Module, cfg: LoraConfig) -> list[Target]:
     targets = []
     for owner, leaf, p in matched:
         name = full(owner, leaf)
+        if not owner:
+            raise ConfigError(f"target_parameters entry {name!r} is a parameter of the model itself; adapt "
+                              "parameters of its submodules (PEFT wraps a submodule per parameter)")
         if p.dim() not in (2, 3):
             raise ConfigError(f"target_parameters entry {name!r} is a {p.dim()}D parameter {tuple(p.shape)}; LoRA "
                               "adapts 2D weights (out, in) and 3D expert stacks (experts, out, in) only")

@@ -209,14 +209,29 @@ def test_experts_shorthand_and_all_linear_keep_peft_meanings():
     (dict(lora_dropout=0.1), "no dropout"),
     (dict(use_dora=True), "DoRA is not supported"),
     (dict(init_lora_weights="pissa"), "weight-based init"),
-    (dict(target_parameters=[]), "list of parameter names"),
-], ids=["no match", "1D", "module already adapted", "dropout", "dora", "pissa", "empty"])
+], ids=["no match", "1D", "module already adapted", "dropout", "dora", "pissa"])
 def test_bad_expert_targets_are_refused_and_the_model_is_unchanged(kw, match):
     model = tiny_moe("qwen3_moe")
     before = [n for n, _ in model.named_modules()]
     with pytest.raises(ConfigError, match=match):
         lorafit.attach(model, config(**kw))
     assert [n for n, _ in model.named_modules()] == before and not lorafit.adapters(model)
+
+
+def test_module_and_parameter_adapters_of_one_module_are_refused_in_either_order():
+    model = lorafit.attach(tiny_moe("qwen3_moe"), config(target_modules=["q_proj"], target_parameters=None))
+    with pytest.raises(ConfigError, match="already adapts"):
+        lorafit.attach(model, config(target_modules=[], target_parameters=["self_attn.q_proj.weight"]), name="b")
+    other = lorafit.attach(tiny_moe("qwen3_moe"), config(target_modules=[], target_parameters=["o_proj.weight"]))
+    with pytest.raises(ConfigError, match="has its parameter 'weight' adapted by another adapter"):
+        lorafit.attach(other, config(target_modules=["o_proj"], target_parameters=None), name="b")
+    assert lorafit.adapters(model) == ["default"] and lorafit.adapters(other) == ["default"]
+
+
+def test_an_empty_parameter_list_means_none_as_in_peft_and_the_model_itself_is_refused():
+    assert lorafit.LoraConfig(target_modules=["q"], target_parameters=[]).target_parameters is None
+    with pytest.raises(ConfigError, match="a parameter of the model itself"):
+        lorafit.attach(Inner(), lorafit.LoraConfig(target_modules=[], target_parameters=["w"]))
 
 
 def test_an_expert_adapter_on_a_model_without_experts_is_refused(tmp_path):
@@ -233,6 +248,16 @@ def test_per_row_and_combine_refuse_expert_adapters():
     with pytest.raises(AdapterError, match="per_row does not route"):
         with lorafit.per_row(model, ["default", None]):
             pass
+    # rows of an adapter without expert weights see the base experts, whatever else is active
+    lorafit.attach(model, config(target_parameters=None), name="attn")
+    with torch.no_grad():
+        lorafit.set_active(model, "attn")
+        want = model(ids()).logits
+        lorafit.set_active(model, "default")
+        with lorafit.per_row(model, ["attn", "attn"]):
+            got = model(ids()).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert model(ids()).logits.sub(want).abs().max() > 1e-4  # default's experts are back after the context
     with pytest.raises(AdapterError, match="combine does not combine"):
         lorafit.combine(model, {"default": 1.0}, name="c")
 

@@ -122,12 +122,12 @@ def test_resume_continues_the_same_mlflow_run_without_repeating_steps(model_dir,
     out = tmp_path / "run"
     real = loop.log_steps
 
-    def dies_at_step_five(state, records, bar):
+    def dies_after_sending_step_six(state, records, bar):  # steps 5 and 6 reach MLflow; checkpoint-4 is kept
+        real(state, records, bar)
         if any(r["step"] >= 5 for r in records):
             raise RuntimeError("killed")
-        real(state, records, bar)
 
-    monkeypatch.setattr(loop, "log_steps", dies_at_step_five)
+    monkeypatch.setattr(loop, "log_steps", dies_after_sending_step_six)
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--report-to",
                  "mlflow", "--save-every", "4", *FAST]) != 0  # "killed" after checkpoint-4
     client, run = mlflow_run(mlflow_uri, "run")
@@ -136,4 +136,6 @@ def test_resume_continues_the_same_mlflow_run_without_repeating_steps(model_dir,
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     client, again = mlflow_run(mlflow_uri, "run")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    # the resumed run re-ran steps 5 and 6 from checkpoint-4 and did not send them again
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, 3, 6]

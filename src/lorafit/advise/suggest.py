@@ -274,7 +274,10 @@ def experts_rule(model: nn.Module, r: int) -> Optional[dict]:
         return None
     first = next(iter(weights.values()))
     n_experts = first.shape[0] if first.dim() == 3 else 1
-    top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", None) or 1)
+    config = getattr(model, "config", None)
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(getattr(config, "text_config", None),
+                                                                     "num_experts_per_tok", None)  # multimodal
+    top_k = int(top_k or 1)
     r_expert = max(1, r // top_k)
     leaves = sorted({".".join(n.split(".")[-2:]) for n in weights})  # e.g. experts.gate_up_proj
     pattern = {"|".join(re.escape(x) for x in leaves): r_expert} if r_expert != r else {}

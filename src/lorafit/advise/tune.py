@@ -462,12 +462,13 @@ def first_trials(job: TuneJob, ctx: Context, complexity: Optional[str]) -> tuple
                 runtime=ctx.runtime, device=ctx.device)
     targets = "all-linear" if s.config.target_modules == "all-linear" else "qv"
     space = job.space.around(s.lr)
-    experts = {"experts": True} if s.config.target_parameters and True in space.experts else {}
+    # every knob fixed, experts included: a trial marked "suggested" or "probed" is that configuration
     first = [(within({"r": s.config.r, "targets": targets, "alpha": s.config.lora_alpha, "rslora": False,
-                      "dora": s.config.use_dora, "lr": s.lr, **experts}, space), "suggested")]
+                      "dora": s.config.use_dora, "lr": s.lr, "experts": bool(s.config.target_parameters)}, space),
+              "suggested")]
     if ctx.probed is not None:
         first.append((within({"r": ctx.probed.r, "targets": "probed", "alpha": ctx.probed.lora_alpha,
-                              "rslora": False, "dora": False, "lr": s.lr}, space), "probed"))
+                              "rslora": False, "dora": False, "lr": s.lr, "experts": False}, space), "probed"))
     return first, s.lr
 
 

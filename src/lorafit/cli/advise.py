@@ -140,7 +140,8 @@ def sweep_points(args: argparse.Namespace, settings: dict, out: Path, meta) -> t
     if args.include_suggested:
         cfg = TrainConfig.from_dict(dict(settings))
         s = suggest(meta, complexity=complexity, param_budget=args.budget, goal="quality",
-                    batch_size=cfg.batch_size, max_length=cfg.max_length, runtime=0)
+                    batch_size=cfg.batch_size, max_length=cfg.max_length, runtime=0,
+                    target_parameters=args.target_parameters)
         points["suggested"] = s.config
         marked["suggested"] = "suggested"
         print("suggested: " + "; ".join(s.reasons[:3]))

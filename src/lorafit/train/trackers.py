@@ -124,13 +124,15 @@ class MLflow:
                                                     for r in records for k, v in metrics(r).items()])
 
     def finish(self, status: str, out: Path) -> None:
-        if status == "FINISHED":
-            if (out / "report.png").is_file():
-                self.client.log_artifact(self.run_id, str(out / "report.png"))
-            for f in ("adapter_config.json", "adapter_model.safetensors"):
-                if (out / f).is_file():
-                    self.client.log_artifact(self.run_id, str(out / f), artifact_path="adapter")
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            if status == "FINISHED":
+                if (out / "report.png").is_file():
+                    self.client.log_artifact(self.run_id, str(out / "report.png"))
+                for f in ("adapter_config.json", "adapter_model.safetensors"):
+                    if (out / f).is_file():
+                        self.client.log_artifact(self.run_id, str(out / f), artifact_path="adapter")
+        finally:  # an artifact store that fails must not leave the run RUNNING
+            self.client.set_terminated(self.run_id, status=status)
 
 
 CLASSES = {"tensorboard": TensorBoard, "mlflow": MLflow}
@@ -148,15 +150,19 @@ def metrics(record: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _sent_key(record: dict) -> str:
+    return "sent_eval" if record.get("kind") == "eval" else "sent_step"
+
+
 class Reporting:
     """The run's trackers, fanned out; a tracker that raises is warned about once (``say``) and dropped."""
 
     def __init__(self, names: tuple[str, ...], out: Path, params: dict, say: Callable[[str], None]) -> None:
         self.out, self.say, self.live = out, say, []
-        state = read_json(out / STATE_FILE) if (out / STATE_FILE).is_file() else {}
+        self.state = read_json(out / STATE_FILE) if (out / STATE_FILE).is_file() else {}
         for name in names:
-            self._call(name, lambda: self.live.append(CLASSES[name](out, params, state)))
-        write_json(out / STATE_FILE, state)
+            self._call(name, lambda: self.live.append(CLASSES[name](out, params, self.state)))
+        write_json(out / STATE_FILE, self.state)
 
     def _call(self, name: str, fn) -> None:
         try:
@@ -168,9 +174,17 @@ class Reporting:
                      "it, metrics.jsonl keeps everything")
 
     def log(self, records) -> None:
-        """The records of one read interval (or one evaluation), in one call per tracker."""
+        """The records of one read interval (or one evaluation), in one call per tracker. A resumed run re-runs the
+        steps after its checkpoint: those already sent (``trackers.json`` keeps the last step sent, per kind) are not
+        sent again."""
+        fresh = [r for r in records if r["step"] > self.state.get(_sent_key(r), -1)]
+        if not fresh or not self.live:
+            return
         for tracker in list(self.live):
-            self._call(tracker.name, lambda t=tracker: t.log(records))
+            self._call(tracker.name, lambda t=tracker: t.log(fresh))
+        for r in fresh:
+            self.state[_sent_key(r)] = r["step"]
+        write_json(self.out / STATE_FILE, self.state)
 
     def finish(self, status: str) -> None:
         for tracker in list(self.live):
