@@ -90,7 +90,7 @@ from lorafit import fused, layers  # noqa: E402
 FP32_RTOL = 1e-4
 BF16_OUT_RTOL, BF16_GRAD_RTOL = 2 ** -6, 3e-2
 TRAIN_LOSS_RTOL, TRAIN_ADAPTER_RTOL = 1e-4, 1e-2
-R, ALPHA = 16, 32  # the benchmark's adapter (as benchmarks/step.py)
+R, ALPHA = 16, 32  # the benchmark's adapter (benchmarks/step.py's, whose make_step configurations it runs)
 
 # check -> the rows it reports (tests/test_gpu_script.py asserts every one is printed)
 ROWS = {
@@ -766,41 +766,12 @@ class Bench:
 
 
 def make_step(base, config: str, ids: torch.Tensor, dropout: float = 0.05):
-    """(step, live) of ``config`` on a copy of ``base``: benchmarks/step.py's make_step on a device."""
-    model = copy.deepcopy(base).train()
-    kind, _, method = config.partition("-")
-    if kind == "floor":
-        model.requires_grad_(False)
-    elif kind == "peft":
-        import peft
+    """(step, live) of ``config`` on a copy of ``base``: benchmarks/step.py's configurations and step, on a
+    device."""
+    from step import adapted, training_step
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout,
-                                                           target_modules="all-linear", use_dora=method == "dora"))
-        model.train()
-    else:
-        layers.FUSED = True
-        lorafit.attach(model, lorafit.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout,
-                                                 target_modules="all-linear", use_dora=method == "dora"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
-    embed = model.get_input_embeddings()
-
-    def step() -> None:
-        if opt is None:  # the floor: backward reaches the (grad-requiring) input embeddings
-            x = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=x, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    def live() -> list:
-        state = [t for s in (opt.state.values() if opt else ()) for t in s.values() if torch.is_tensor(t)]
-        return [*model.parameters(), *model.buffers(), *state, ids]
-
-    return step, live
+    step = training_step(adapted(copy.deepcopy(base).train(), config, dropout), ids)
+    return step, step.live_tensors
 
 
 def timed_step(b: Bench, device: torch.device) -> None:

@@ -157,25 +157,38 @@ def make_step(model_name: str, config: str, dropout: float, adamw: str = "fused"
     model = build_model(model_name).train()
     _, batch, seq = MODELS[model_name]
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    kind, _, method = config.partition("-")
+    kind = config.partition("-")[0]
     if QUANTIZE() and kind in ("lorafit", "peft"):  # the floor stays the unquantized base
         quantize_base(model, kind, QUANTIZE())
+    return training_step(adapted(model, config, dropout), ids, adamw)
+
+
+def adapted(model, config: str, dropout: float):
+    """``model`` as configuration ``config`` trains it: "floor" (frozen), "peft-lora|dora", "lorafit-lora|dora"
+    (the fused path) or "lorafitref-lora|dora" (the reference path); r=R, alpha=ALPHA on all linear layers."""
+    kind, _, method = config.partition("-")
     if kind == "floor":
-        model.requires_grad_(False)
-    elif kind == "peft":
+        return model.requires_grad_(False)
+    if kind == "peft":
         import peft
 
         cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
                               use_dora=method == "dora")
-        model = peft.get_peft_model(model, cfg).train()
-    else:
-        import lorafit
-        import lorafit.layers
+        return peft.get_peft_model(model, cfg).train()
+    import lorafit
+    import lorafit.layers
 
-        lorafit.layers.FUSED = kind == "lorafit"  # "lorafitref-..." runs the reference path
-        cfg = lorafit.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
-                                 use_dora=method == "dora")
-        model = lorafit.attach(model, cfg).train()
+    lorafit.layers.FUSED = kind == "lorafit"  # "lorafitref-..." runs the reference path
+    cfg = lorafit.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
+                             use_dora=method == "dora")
+    return lorafit.attach(model, cfg).train()
+
+
+def training_step(model, ids, adamw: str = "fused"):
+    """One training step of ``model`` on ``ids`` as a function (``step.live_tensors``: what it keeps between steps;
+    ``step.model``). A frozen model (the floor) runs backward to its input embeddings, without an optimizer."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     kind_kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[adamw]
     opt = torch.optim.AdamW(params, lr=1e-4, **kind_kw) if params else None
