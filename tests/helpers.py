@@ -393,3 +393,22 @@ def tiny_moe(family: str = "qwen3_moe", seed: int = 0, experts: int = 4):
     else:
         raise ValueError(family)
     return model.eval()
+
+
+class Loaded(Exception):
+    """Raised by ``stop_at_load``'s stand-in for from_pretrained: the command got as far as loading a model."""
+
+
+def stop_at_load(monkeypatch) -> list:
+    """AutoModelForCausalLM.from_pretrained replaced by a stand-in that records the ``device_map`` it was asked for
+    and raises ``Loaded``; returns the list it records into."""
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        raise Loaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return asked

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from helpers import counted_reads, make_data, make_model_dir, run_cli, tiny_llama
+from helpers import Loaded, counted_reads, make_data, make_model_dir, run_cli, stop_at_load, tiny_llama
 from lorafit import ConfigError, LoraConfig
 from lorafit.advise import gauss_newton, probe_task
 from lorafit.advise import probe as probe_module
@@ -162,22 +162,6 @@ def test_float32_accumulation_gives_the_same_ranks_and_spectra_within_the_bound(
 
 # --- the CLI's --device ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def machine(monkeypatch):
-    """machine(gpus): torch and lorafit.devices see ``gpus`` CUDA devices ("Fake GPU") and no MPS."""
-    import lorafit.devices
-
-    def set_machine(gpus: int) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-        monkeypatch.setattr(lorafit.devices, "mps_available", lambda: False)
-    return set_machine
-
-
-class Loaded(Exception):
-    """Raised by the stand-in for from_pretrained: the command got as far as loading a model."""
 
 
 @pytest.mark.parametrize("dtype", [None, "float32"], ids=["dtype-by-device", "dtype-given"])
@@ -203,16 +187,9 @@ def test_probe_on_an_absent_device_is_one_error_line_before_any_work(files, caps
 
 
 def test_probe_reads_the_model_onto_the_device_it_names(files, capsys, tmp_path, monkeypatch, machine):
-    from transformers import AutoModelForCausalLM
 
     machine(1)
-    asked = []
-
-    def from_pretrained(*args, **kwargs):
-        asked.append(kwargs.get("device_map"))
-        raise Loaded
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    asked = stop_at_load(monkeypatch)
     model_dir, data = files
     config = tmp_path / "c.yaml"
     config.write_text("dtype: float32\n")  # the default dtype of a GPU asks the GPU, which is pretended here

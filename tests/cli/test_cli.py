@@ -12,20 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import close, close_to_scale, make_data, make_model_dir
+from helpers import close, close_to_scale, make_data
 from lorafit.cli import main
 
 FAST = ["--steps", "12", "--batch-size", "4", "--max-length", "48", "--lr", "5e-3", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("m") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("d") / "train.jsonl")
 
 
 def lorafit(*args, timeout=300, **kw):

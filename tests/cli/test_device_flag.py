@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lorafit
-from helpers import make_chat_model_dir, make_data, perturb_trainable, run_cli
+from helpers import Loaded, make_chat_model_dir, make_data, perturb_trainable, run_cli, stop_at_load
 from lorafit import ConfigError, LoraConfig
 from lorafit.generate import Chat, Sampling, generate, load_for_inference, render
 from lorafit.hf import merge_checkpoint
@@ -49,19 +49,6 @@ def argv(command: str, f: dict, out) -> list:
             "train": ["train", "--model", f["model"], "--data", f["data"], "--output", out, "--steps", 1]}[command]
 
 
-@pytest.fixture
-def machine(monkeypatch):
-    """machine(gpus, mps=False): torch and lorafit.devices see ``gpus`` CUDA devices ("Fake GPU") and MPS or not."""
-    import lorafit.devices
-
-    def set_machine(gpus: int, mps: bool = False) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-        monkeypatch.setattr(lorafit.devices, "mps_available", lambda: mps)
-    return set_machine
-
 
 def snapshot(folder) -> set:
     return {p.relative_to(folder) for p in folder.rglob("*")}
@@ -77,9 +64,6 @@ ABSENT = [  # (--device, CUDA devices, the error line's text)
     ("tpu", 0, "--device 'tpu' is not a device lorafit knows; use auto, cpu, cuda, cuda:N or mps"),
 ]
 
-
-class Loaded(Exception):
-    """Raised by the stand-in for from_pretrained: the command got as far as loading a model."""
 
 
 @pytest.mark.parametrize("command", COMMANDS + ("plan", "suggest", "train"))
@@ -117,16 +101,9 @@ def test_the_model_is_read_onto_the_device_the_first_line_names(files, capsys, t
     """On a (pretended) one-GPU machine, --device cuda loads with device_map="cuda:0" after a first line naming it:
     on stderr for generate (its stdout is the answer), on stdout for the others (chat's once the chat can start,
     so the stand-in load stops it first)."""
-    from transformers import AutoModelForCausalLM
 
     machine(1)
-    asked = []
-
-    def from_pretrained(*args, **kwargs):
-        asked.append(kwargs.get("device_map"))
-        raise Loaded
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    asked = stop_at_load(monkeypatch)
     from lorafit.cli import main
 
     with pytest.raises(Loaded):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorafit
-from helpers import close_to_scale, make_model_dir, perturb_trainable, run_cli, tiny_mlp
+from helpers import close_to_scale, perturb_trainable, run_cli, tiny_mlp
 from lorafit import LoraConfig
 from lorafit.cli import main
 from lorafit.export import rope_permute
@@ -32,10 +32,6 @@ CASES = {
 }
 VLLM_CASES = ["lora", "rslora", "patterns"]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("export") / "model")
 
 
 @pytest.fixture(scope="module")

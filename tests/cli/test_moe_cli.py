@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_data, make_moe_dir
+from helpers import make_moe_dir
 from lorafit.cli import main
 
 FAST = ["--steps", "4", "--batch-size", "4", "--eval-max", "8", "--quiet"]
@@ -19,10 +19,6 @@ FAST = ["--steps", "4", "--batch-size", "4", "--eval-max", "8", "--quiet"]
 def moe_dir(tmp_path_factory):
     return make_moe_dir(tmp_path_factory.mktemp("moe") / "model")
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data") / "d.jsonl")
 
 
 def test_train_with_expert_weights_saves_a_peft_adapter(moe_dir, data, tmp_path, capsys):

@@ -11,17 +11,13 @@ import pytest
 import torch
 
 import lorafit
-from helpers import close_to_scale, copy_trainable, make_model_dir
+from helpers import close_to_scale, copy_trainable
 from lorafit.layers import LoraLayer, layer_kind
 from lorafit.model import adapter_parameter_names
 from lorafit.tensors import cpu_inference_layout, is_packed
 
 bnb = pytest.importorskip("bitsandbytes")
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("bnb") / "llama")
 
 
 def load_4bit(path):

@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from helpers import make_data, make_model_dir
 from lorafit.cli import main
 from lorafit.errors import ConfigError
 from lorafit.train import trackers
@@ -16,14 +15,6 @@ from lorafit.train import trackers
 FAST = ["--steps", "6", "--batch-size", "4", "--eval-max", "8", "--eval-every", "3", "--log-every", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("m") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("d") / "train.jsonl")
 
 
 @pytest.fixture
