@@ -91,7 +91,7 @@ def test_sweep_trains_each_point_once_and_resumes(files, tmp_path, monkeypatch):
     (out / "probed" / "trainer_state.json").unlink()
     trained = []
     real_run = train.run
-    monkeypatch.setattr(train, "run", lambda cfg, resume=False, quiet=False: trained.append((cfg.output, resume))
+    monkeypatch.setattr(train, "run", lambda cfg, resume=False, quiet=False, **kw: trained.append((cfg.output, resume))
                         or real_run(cfg, resume=resume, quiet=quiet))
     again = sweep(points, settings, out, marked={"probed": "probed"}, say=lambda m: None)
     assert trained == [(str(out / "probed"), True)]

@@ -1,10 +1,13 @@
-"""--report-to: TensorBoard and MLflow read back with their own readers (EventAccumulator, MlflowClient on SQLite),
-bad names and missing libraries refused before any work, a failing tracker that never stops training, and a resume
-that continues the same MLflow run without sending a step twice."""
+"""--report-to: TensorBoard, MLflow, W&B (offline) and trackio read back with their own readers (EventAccumulator,
+MlflowClient on SQLite, W&B's run folder, trackio's SQLiteStorage), bad names and missing libraries refused before
+any work, a failing tracker that never stops training, a resume that continues the same MLflow run without sending a
+step twice, and tune's and sweep's trials as runs of one parent (MLflow) or group (W&B), pruned ones marked."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +133,128 @@ def test_resume_continues_the_same_mlflow_run_without_repeating_steps(model_dir,
     # the resumed run re-ran steps 5 and 6 from checkpoint-4 and did not send them again
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, 3, 6]
+
+
+def losses_of(out: Path) -> list[float]:
+    return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if m.get("kind") != "eval"]
+
+
+def test_wandb_offline_trackio_and_tensorboard_hparams(model_dir, data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    trackio = pytest.importorskip("trackio")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TRACKIO_PROJECT", "lorafit-tests")
+    store = tmp_path / "trackio"  # trackio's local store (TRACKIO_DIR, which trackio reads when imported)
+    monkeypatch.setenv("TRACKIO_DIR", str(store))
+    for module in (trackio.sqlite_storage, trackio.utils):
+        monkeypatch.setattr(module, "TRACKIO_DIR", store)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--report-to",
+                 "wandb,trackio,tensorboard", *FAST]) == 0
+    losses = losses_of(out)
+
+    # W&B: the offline run folder, under the run's id, with the run's log and report.png
+    run_id = json.loads((out / "trackers.json").read_text())["wandb"]
+    [folder] = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    log = (folder / f"run-{run_id}.wandb").read_bytes()
+    assert b"train/loss" in log and b"lora_alpha" in log and (folder / "files" / "report.png").is_file()
+
+    # trackio: its own storage holds the run, one loss per step, equal to metrics.jsonl, and the LoRA settings
+    storage = trackio.SQLiteStorage
+    assert "run" in storage.get_runs("lorafit-tests")
+    logs = storage.get_logs("lorafit-tests", "run")
+    steps = [(r["step"], r["train/loss"]) for r in logs if "train/loss" in r]
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in steps] == pytest.approx(losses, rel=1e-6)
+    assert [r["step"] for r in logs if "eval/loss" in r] == [0, 3, 6]
+    assert list(store.glob("lorafit-tests*.db"))
+    config = storage.get_run_config("lorafit-tests", "run")
+    assert config["r"] == 8 and config["target_modules"] == ["q_proj", "v_proj"]
+
+    # TensorBoard's HPARAMS row: the LoRA settings, the outcome and the final eval loss
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["r"].number_value == 8 and start.hparams["outcome"].string_value == "complete"
+    final = json.loads((out / "trainer_state.json").read_text())["after"]["eval_loss"]
+    assert events.Scalars("final/loss")[0].value == pytest.approx(final, rel=1e-6)
+
+
+def _children(uri: str, parent):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_a_three_trial_tune_is_one_mlflow_run_per_trial_under_the_study(model_dir, data, tmp_path, mlflow_uri,
+                                                                          monkeypatch, capsys):
+    optuna = pytest.importorskip("optuna")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    should_prune = optuna.trial.Trial.should_prune
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda t: t.number == 2 or should_prune(t))
+    space = tmp_path / "space.yaml"
+    space.write_text("r: {low: 1, high: 4}\ntargets: [qv, mlp]\nalpha: [16]\nrslora: [false]\ndora: [false]\n")
+    out = tmp_path / "study"
+    assert main(["tune", "--model", str(model_dir), "--data", str(data), "--trials", "3", "--output", str(out),
+                 "--space", str(space), "--steps", "8", "--batch-size", "4", "--eval-max", "8",
+                 "--sampler-seed", "0", "--report-to", "mlflow,wandb"]) == 0
+    client, parent = mlflow_run(mlflow_uri, "study")
+    assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "3"
+    assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"results.md", "pareto.png", "best.yaml"}
+    children = _children(mlflow_uri, parent)
+    assert sorted(children) == ["trial-0000", "trial-0001", "trial-0002"]
+    study = optuna.load_study(study_name="lorafit", storage=f"sqlite:///{out / 'study.db'}")
+    for t in study.trials:
+        run = children[f"trial-{t.number:04d}"]
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"], rel=1e-12)
+        assert run.data.tags["lorafit.tune"] == "study" and run.data.tags["lorafit.trial"] == str(t.number)
+        history = client.get_metric_history(run.info.run_id, "eval_loss")
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert run.info.status == "FINISHED" and run.data.tags["lorafit.outcome"] == "complete"
+            assert history[-1].step == 8 and history[-1].value == pytest.approx(t.value, rel=1e-6)
+    pruned = children["trial-0002"]
+    assert study.trials[2].state == optuna.trial.TrialState.PRUNED
+    assert pruned.info.status == "KILLED" and pruned.data.tags["lorafit.outcome"] == "pruned"
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(study.best_value, rel=1e-6)
+    # W&B: each trial's offline run folder, in the study's group
+    for n in range(3):
+        assert list((out / "trials" / f"{n:04d}" / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_a_sweep_is_one_mlflow_run_per_point_under_the_sweep(model_dir, data, tmp_path, mlflow_uri, capsys):
+    out = tmp_path / "grid"
+    assert main(["sweep", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--grid",
+                 "r=1,2", "--steps", "4", "--batch-size", "4", "--eval-max", "8", "--report-to", "mlflow"]) == 0
+    client, parent = mlflow_run(mlflow_uri, "grid")
+    assert parent.info.status == "FINISHED"
+    children = _children(mlflow_uri, parent)
+    assert sorted(children) == ["r1-qv-lora", "r2-qv-lora"]
+    for name, run in children.items():
+        final = json.loads((out / name / "trainer_state.json").read_text())["after"]["eval_loss"]
+        assert run.data.params["r"] == name[1] and run.data.metrics["eval_loss"] == pytest.approx(final, rel=1e-6)
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(
+        min(r.data.metrics["eval_loss"] for r in children.values()), rel=1e-6)
+    assert os.path.isdir(out / "r1-qv-lora" / "tensorboard") is False  # only the trackers asked for
+
+
+@pytest.mark.parametrize("command", ["sweep", "tune"])
+def test_sweep_and_tune_refuse_bad_trackers_before_any_work(command, model_dir, data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    argv = [command, "--model", str(model_dir), "--data", str(data), "--output", str(out), "--steps", "4",
+            *(["--grid", "r=1"] if command == "sweep" else ["--trials", "2"])]
+    assert main([*argv, "--report-to", "tensorbord"]) == 2
+    assert "unknown tracker 'tensorbord'" in capsys.readouterr().err and not out.exists()
+    real = trackers.importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    assert main([*argv, "--report-to", "tensorboard,wandb"]) == 2
+    assert "the wandb library is not installed; pip install wandb" in capsys.readouterr().err and not out.exists()

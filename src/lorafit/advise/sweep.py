@@ -4,7 +4,8 @@ Each grid point is one ``lorafit.train.run`` in its own folder ``<output>/<point
 finished ``trainer_state.json`` is read back, never retrained, so an interrupted sweep continues where it stopped.
 The results are ``results.csv``, ``results.md`` and ``pareto.png`` (``lorafit.advise.results``, tune's writer too):
 eval loss against trainable parameters, with the Pareto front (no other point has both fewer parameters and a lower
-loss) and the suggested / probed points marked.
+loss) and the suggested / probed points marked. With ``report_to`` in the settings, each point is one experiment
+tracker run, grouped under the sweep (``lorafit.train.trackers.StudyRuns``).
 
 Grid syntax: ``"r=4,8,16;targets=qv,all-linear;variant=lora,dora"`` (the product of all values). Keys:
 ``r`` (ranks), ``targets`` (qv | attention | mlp | all-linear | module names joined by '+'), ``variant``
@@ -25,6 +26,7 @@ from typing import Optional
 from ..errors import ConfigError, DataError
 from ..files import read_json
 from ..lora_config import LoraConfig
+from ..train.trackers import StudyRuns, check_installed, parse_report_to
 from .results import Column, markdown, number, pareto_front, with_mark, write_results
 from .suggest import LORA_ALPHA
 
@@ -138,8 +140,10 @@ def _check_same(folder: Path, cfg) -> None:
                           f"for a different sweep{hint}")
 
 
-def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, *, quiet: bool = True, say=print) -> dict:
-    """Train one point in ``out/name`` (or read it back when finished) and return its result row."""
+def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, *, quiet: bool = True, say=print,
+              tracking: Optional[StudyRuns] = None) -> dict:
+    """Train one point in ``out/name`` (or read it back when finished) and return its result row; with
+    ``tracking`` (--report-to) its tracker run is one of the sweep's."""
     from ..train import TrainConfig, run
 
     folder = out / name
@@ -148,7 +152,8 @@ def run_point(name: str, lora: LoraConfig, settings: dict, out: Path, *, quiet: 
     summary = _finished(folder)
     if summary is None:
         say(f"[{name}] training {cfg.steps} steps: r={lora.r}, targets {_targets_text(lora)}, {_variant(lora)}")
-        summary = run(cfg, resume=folder.exists(), quiet=quiet)
+        group = tracking.group(name, point=name) if tracking is not None else None
+        summary = run(cfg, resume=folder.exists(), quiet=quiet, group=group)
     else:
         say(f"[{name}] finished earlier: read back")
     after, before = summary.get("after", {}), summary.get("before", {})
@@ -181,16 +186,28 @@ def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, *, marked: O
     ``settings``: TrainConfig fields shared by all points (model, data, steps, lr, ...). ``marked``: point name ->
     label ("suggested", "probed") shown in the table and the plot.
     """
+    names = parse_report_to(settings.get("report_to"))
+    check_installed(names)  # a missing tracker library: before the first point
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marked = marked or {}
-    rows = [run_point(name, cfg, settings, out, quiet=quiet, say=say) for name, cfg in points.items()]
-    front = pareto_front(rows)
-    for row in rows:
-        row["pareto"] = row["name"] in front
-        row["mark"] = marked.get(row["name"], "")
-    write_results(rows, out, columns=COLUMNS, table=TABLE, title=f"lorafit sweep: {settings.get('steps')} steps each",
-                  label=lambda r: r["name"])
+    tracking = StudyRuns(names, out, "sweep", {**settings, "points": list(points)}, say) if names else None
+    try:
+        rows = [run_point(name, cfg, settings, out, quiet=quiet, say=say, tracking=tracking)
+                for name, cfg in points.items()]
+        front = pareto_front(rows)
+        for row in rows:
+            row["pareto"] = row["name"] in front
+            row["mark"] = marked.get(row["name"], "")
+        files = write_results(rows, out, columns=COLUMNS, table=TABLE, label=lambda r: r["name"],
+                              title=f"lorafit sweep: {settings.get('steps')} steps each")
+    except BaseException as e:
+        if tracking is not None:
+            tracking.finish([], None, "failed" if isinstance(e, Exception) else "killed")
+        raise
+    if tracking is not None:
+        losses = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
+        tracking.finish(files, min(losses) if losses else None)
     return rows
 
 

@@ -4,14 +4,17 @@ The run is ``lorafit.train.run`` on ``FOLDER/trial.json`` (TrainConfig fields), 
 ``FOLDER/train.log``, started from a forkserver that has imported torch and transformers once (a fresh interpreter
 per trial would spend ~4 s importing them). The watcher reads the evaluations the run appends to
 ``run/metrics.jsonl`` at the rungs (``eval_every``), hands each to ``on_eval`` (Optuna's report / should_prune) and
-kills the process when it says stop. A crash, a kill or a diverging loss ends the trial's process only: the worker
-records why and goes on. The child exits by itself when the study's process is gone (a killed ``tune``).
+stops the process when it says stop: SIGTERM, which the trial turns into ``Stopped`` so that its experiment trackers
+mark the run as pruned (``FOLDER/group.json`` names the study it belongs to), then a kill after ``GRACE_S``. A crash,
+a kill or a diverging loss ends the trial's process only: the worker records why and goes on. The child exits by
+itself when the study's process is gone (a killed ``tune``).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from ..errors import DataError
 from ..files import read_json, read_jsonl, write_text
 
 POLL_S = 0.2
+GRACE_S = 10.0  # seconds a pruned trial has to end its tracker runs before it is killed
 # imported once by the forkserver, so that each trial process starts with them (transformers imports its model
 # classes lazily: ~2 s per process for Llama otherwise)
 PRELOAD = ["lorafit.advise.trial", "lorafit.train.loop", "lorafit.hf", "transformers", "transformers.modeling_utils",
@@ -54,18 +58,47 @@ def _watch_parent(pid: int) -> None:
         time.sleep(0.5)
 
 
-def child_main(folder: str, resume: bool, parent_pid: int) -> None:
+class Stopped(BaseException):
+    """The study stopped this trial (pruned): raised in the trial process by SIGTERM, so that the training loop ends
+    its tracker runs as ``outcome``."""
+
+    outcome = "pruned"
+
+
+def _stopped(signum, frame) -> None:
+    raise Stopped("the study pruned this trial")
+
+
+# the experiment trackers' settings (lorafit.train.trackers), handed to each trial: the forkserver's environment is
+# the one it started with, not the study process's at the trial's start
+TRACKER_ENV = ("MLFLOW_", "WANDB_", "TRACKIO_")
+
+
+def tracker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV)}
+
+
+def child_main(folder: str, resume: bool, parent_pid: int, env: dict[str, str]) -> None:
     """The trial process: train ``folder/trial.json`` into ``folder/run``; an error goes to ``folder/error.txt``."""
+    for key in [k for k in os.environ if k.startswith(TRACKER_ENV)]:
+        del os.environ[key]
+    os.environ.update(env)
     folder_p = Path(folder)
     log = os.open(folder_p / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    signal.signal(signal.SIGTERM, _stopped)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     from ..train import TrainConfig, run
+    from ..train.trackers import Group
 
     try:
         cfg = TrainConfig.from_dict(read_json(folder_p / "trial.json", error=DataError))
-        run(cfg, resume=resume, quiet=True)
+        group_file = folder_p / "group.json"
+        group = Group.from_dict(read_json(group_file, error=DataError)) if group_file.is_file() else None
+        run(cfg, resume=resume, quiet=True, group=group)
+    except Stopped:
+        os._exit(0)  # the watcher has recorded the pruning
     except BaseException as e:  # noqa: BLE001 - every failure is the trial's, recorded for the study
         write_text(folder_p / "error.txt", f"{type(e).__name__}: {e}")
         os._exit(1)
@@ -112,7 +145,7 @@ def failure_reason(folder: Path, exitcode: Optional[int]) -> str:
 def run_trial(folder: Path, *, on_eval: Callable[[int, float], bool], heartbeat: Callable[[], None] = lambda: None,
               resume: bool = False) -> Outcome:
     """Train ``folder/trial.json`` in its own process; ``on_eval(step, loss)`` True stops (prunes) it."""
-    proc = _context().Process(target=child_main, args=(str(folder), resume, os.getpid()))
+    proc = _context().Process(target=child_main, args=(str(folder), resume, os.getpid(), tracker_env()))
     proc.start()
     seen: set = set()
     last = (0, None)
@@ -123,8 +156,11 @@ def run_trial(folder: Path, *, on_eval: Callable[[int, float], bool], heartbeat:
             for rec in _evals(folder / "run" / "metrics.jsonl", seen):
                 last = (rec["step"], rec["eval_loss"])
                 if on_eval(*last):
-                    proc.kill()
-                    proc.join()
+                    proc.terminate()  # Stopped in the trial: its trackers mark the run pruned
+                    proc.join(GRACE_S)
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join()
                     return Outcome("pruned", last[1], last[0], f"pruned at step {last[0]}")
             if proc.exitcode is not None:
                 break

@@ -16,6 +16,8 @@ The study (Optuna's RDB storage; default ``OUTPUT/study.db``, SQLite) is the onl
   CUDA device it is the GPU's estimate, and without a memory budget the GPU's free memory is the budget.
 - **Isolation.** Each trial trains in its own process (lorafit.advise.trial): a crash or a diverging loss fails
   that trial, with its reason, and the study goes on.
+- **Trackers.** With ``report_to`` in the settings, every trial and seeded re-run is one tracker run, grouped under
+  the study (``lorafit.train.trackers.StudyRuns``: an MLflow parent run, a W&B and trackio group), its outcome marked.
 
 Outputs (lorafit.advise.tune_report): results.csv / results.md, pareto.png, importances.png, best.yaml.
 """
@@ -33,6 +35,7 @@ from ..errors import ConfigError, DataError
 from ..experts import expert_weights
 from ..files import read_json, write_json
 from ..lora_config import LoraConfig
+from ..train.trackers import StudyRuns, check_installed, parse_report_to
 from .space import Space, sample, trial_label, trial_lora, within
 
 if TYPE_CHECKING:
@@ -216,6 +219,7 @@ class Context:
     runtime: int
     device: Optional[torch.device] = None
     memory_why: str = "--memory-budget"
+    tracking: Optional[StudyRuns] = None  # --report-to: the study's parent run and group (lorafit.train.trackers)
 
 
 def cost(ctx: Context, lora: LoraConfig, settings: dict) -> tuple[int, int]:
@@ -282,6 +286,8 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
     cfg = TrainConfig.from_dict({**job.settings, "lr": params["lr"], "output": str(folder / "run"),
                                  "eval_every": max(1, steps // 4), "save_every": 0, "lora": lora.to_dict()})
     write_json(folder / "trial.json", cfg.to_dict())
+    if ctx.tracking is not None:
+        write_json(folder / "group.json", ctx.tracking.group(f"trial-{trial.number:04d}", trial=trial.number).to_dict())
     trial.set_user_attr("folder", str(folder))
     trial.set_user_attr("config", cfg.to_dict())  # for the seeded re-runs, which may run on another machine
 
@@ -293,6 +299,8 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
 
     out = run_trial(folder, on_eval=on_eval, heartbeat=_every(job.heartbeat / 2,
                                                             lambda: storage.record_heartbeat(trial._trial_id)))
+    if ctx.tracking is not None:  # a run its killed process left running ends marked
+        ctx.tracking.mark(folder / "run", out.state)
     if out.state == "complete":
         study.tell(trial, out.value)
         return f"eval loss {out.value:.4f}"
@@ -352,7 +360,8 @@ def work(job: TuneJob, ctx: Context, study, storage, say: Callable[[str], None])
 
 # --- seeded re-runs of the top configurations ------------------------------------------------------------
 
-def seeded_reruns(job, study, storage, say: Callable[[str], None] = print) -> dict[int, list[float]]:
+def seeded_reruns(job, study, storage, say: Callable[[str], None] = print,
+                  tracking: Optional[StudyRuns] = None) -> dict[int, list[float]]:
     """{trial number: eval losses with seeds seed, seed+1, ...} of the top 3 complete trials, K values each.
 
     The re-runs are the trials of a second study in the same storage, ``<study>:seeds``, one per (configuration,
@@ -373,7 +382,7 @@ def seeded_reruns(job, study, storage, say: Callable[[str], None] = print) -> di
 
     def run(trial) -> None:
         try:
-            _rerun(job, study, storage, trial, say)
+            _rerun(job, study, storage, trial, say, tracking)
         except optuna.exceptions.UpdateFinishedTrialError:
             say(f"[seeds] re-run {trial.number} was taken over (its heartbeat was late); its result is dropped")
 
@@ -407,7 +416,7 @@ def _seeds_study(job, storage, wanted: list[tuple[int, int]]):
     return reruns
 
 
-def _rerun(job, study, storage, trial, say: Callable[[str], None]) -> None:
+def _rerun(job, study, storage, trial, say: Callable[[str], None], tracking: Optional[StudyRuns] = None) -> None:
     """Train one re-run (its source trial's configuration with another seed) and tell its study."""
     from optuna.trial import TrialState
 
@@ -420,9 +429,14 @@ def _rerun(job, study, storage, trial, say: Callable[[str], None]) -> None:
     folder = job.output / "seeds" / f"{source.number:04d}-seed{seed}-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "trial.json", {**cfg, "seed": seed, "output": str(folder / "run")})
+    if tracking is not None:
+        write_json(folder / "group.json", tracking.group(f"trial-{source.number:04d}-seed{seed}",
+                                                         trial=source.number, seed=seed).to_dict())
     say(f"[seeds] trial {source.number}, seed {seed}: training")
     result = run_trial(folder, on_eval=lambda step, loss: False,
                        heartbeat=_every(job.heartbeat / 2, lambda: storage.record_heartbeat(trial._trial_id)))
+    if tracking is not None:
+        tracking.mark(folder / "run", result.state)
     if result.state == "complete":
         trial.study.tell(trial, result.value)
         say(f"[seeds] trial {source.number}, seed {seed}: eval loss {result.value:.4f}")
@@ -557,12 +571,36 @@ def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker prints one line per trial itself
     make_pruner(job.pruner, job.settings["steps"])
+    names = parse_report_to(job.settings.get("report_to"))
+    check_installed(names)  # a missing tracker library: before the probe and the first trial
     storage = open_storage(job.url, heartbeat=job.heartbeat) if job.storage else None
     ctx, first, complexity = prepare(job, say)
     job.output.mkdir(parents=True, exist_ok=True)
     save_probed(job, ctx, complexity)
     storage = storage or open_storage(job.url, heartbeat=job.heartbeat)
     study = open_study(job, storage, first, say)
-    work(job, ctx, study, storage, say)
-    seeds = seeded_reruns(job, study, storage, say) if job.seeds > 1 else {}
-    return report(job, study, seeds, say)
+    ctx.tracking = tracking(job, study, names, say)
+    try:
+        work(job, ctx, study, storage, say)
+        seeds = seeded_reruns(job, study, storage, say, ctx.tracking) if job.seeds > 1 else {}
+        result = report(job, study, seeds, say)
+    except BaseException as e:
+        if ctx.tracking is not None:
+            ctx.tracking.finish([], None, "failed" if isinstance(e, Exception) else "killed")
+        raise
+    if ctx.tracking is not None:
+        ctx.tracking.finish(result["files"], (result["best"] or {}).get("eval_loss"))
+    return result
+
+
+def tracking(job: TuneJob, study, names: tuple[str, ...], say: Callable[[str], None]) -> Optional[StudyRuns]:
+    """--report-to: the study as the trackers' parent (MLflow) and group (W&B, trackio), one run per trial. Its MLflow
+    parent run's id is kept in the Optuna study, so that every worker and a rerun use the same parent."""
+    if not names:
+        return None
+    params = {**job.settings, "trials": job.trials, "seeds": job.seeds, "pruner": job.pruner,
+              "study": job.study, "space": job.space.to_dict()}
+    tracking_ = StudyRuns(names, job.output, "tune", params, say, parent=study.user_attrs.get("mlflow_parent"))
+    if tracking_.parent is not None and study.user_attrs.get("mlflow_parent") != tracking_.parent:
+        study.set_user_attr("mlflow_parent", tracking_.parent)
+    return tracking_

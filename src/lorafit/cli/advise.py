@@ -154,9 +154,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..advise.sweep import results_markdown, sweep
     from ..hf import meta_model
     from ..train.loop import resolve_model_dir
+    from ..train.trackers import check_installed, parse_report_to
     from ..train.train_config import TrainConfig
 
     settings = run_settings(args)
+    check_installed(parse_report_to(settings.get("report_to")))  # before the probe and the first point
     out = Path(args.output or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     meta = meta_model(resolve_model_dir(TrainConfig.from_dict(dict(settings))))
     points, marked = sweep_points(args, settings, out, meta)
@@ -224,7 +226,7 @@ def add_sweep_parser(sub) -> None:
                        description="Train every grid point (plus the suggested and probed configs) for the same "
                                    "number of steps and compare eval loss against trainable parameters. Resumable: "
                                    "rerun with the same --output and finished points are read back.")
-    add_run_flags(p, RUN_FLAGS + ("steps", "lr", "eval_max", "device"))
+    add_run_flags(p, RUN_FLAGS + ("steps", "lr", "eval_max", "device", "report_to"))
     p.add_argument("--grid", help="e.g. 'r=4,8,16;targets=qv,all-linear;variant=lora,dora' (keys r, targets, "
                    "variant, alpha; default: none)")
     p.add_argument("--include-suggested", action="store_true", help="add `lorafit suggest`'s config "

@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
                                    "the eval loss at rungs of the step budget) over the LoRA configuration. The "
                                    "first trials are suggest's and probe's configs. Rerun to resume; start more "
                                    "workers with the same --storage and --study to share it.")
-    add_run_flags(p, RUN_FLAGS + ("steps", "eval_max", "device"))
+    add_run_flags(p, RUN_FLAGS + ("steps", "eval_max", "device", "report_to"))
     p.add_argument("--trials", type=positive_int, required=True, help="trials in the study, all workers together")
     p.add_argument("--storage", help="an Optuna database URL, e.g. postgresql://user:pw@host/db (default: "
                    "sqlite:///OUTPUT/study.db)")

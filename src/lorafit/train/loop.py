@@ -193,6 +193,7 @@ class RunState:
     read_every: int = 1  # steps between reads of the device (``steps.read_steps``)
     scaler: Any = None  # float16's torch.amp.GradScaler
     trackers: Any = None  # rank 0's experiment trackers (``trackers.Reporting``), or None
+    group: Optional[trackers.Group] = None  # the tune study or sweep this run is a trial of
 
     def log(self, *records: dict) -> None:
         """metrics.jsonl lines (rank 0), and the trackers' in one call (one MLflow request per read interval)."""
@@ -224,12 +225,14 @@ def prepare_output(cfg: TrainConfig, resume: bool) -> Path:
     return out
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: tuple[str, ...] = ()) -> dict:
+def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: tuple[str, ...] = (),
+        group: Optional[trackers.Group] = None) -> dict:
     """Train per ``cfg`` (or continue the run in ``cfg.output`` with ``resume``) and return a summary dict.
 
     Bad input (data, model folder, LoRA config) raises before anything is written to the output folder. Under
     torchrun, every rank trains its share of each global batch and rank 0 writes the files. The first line names
-    the device, its dtype, the attention kernel and why; ``notes`` (e.g. why this dtype) follow it.
+    the device, its dtype, the attention kernel and why; ``notes`` (e.g. why this dtype) follow it. ``group``: the
+    tune study or sweep whose trial this run is (its tracker runs are grouped under it).
     """
     device, why = resolve_device(cfg.device)  # an absent device fails here, before any work
     trackers.check_installed(trackers.parse_report_to(cfg.report_to))  # a missing tracker library too
@@ -238,7 +241,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: t
     d = D.init_distributed(cfg.dist_timeout, device)
     precision = torch.get_float32_matmul_precision()
     try:
-        summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why, notes=notes)
+        summary = _run(cfg, d, resume=resume, quiet=quiet, device_why=why, notes=notes, group=group)
     finally:  # _run may have turned TF32 on for a float32 CUDA run: the caller's process gets its setting back
         torch.set_float32_matmul_precision(precision)
     # Every reference to the model died with _run's frame; collect the cycles too, so that the DDP wrapper (whose
@@ -249,9 +252,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, notes: t
 
 
 def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: str = "",
-         notes: tuple[str, ...] = ()) -> dict:
+         notes: tuple[str, ...] = (), group: Optional[trackers.Group] = None) -> dict:
     state = RunState(cfg, d, prepare_output(cfg, resume), _say(quiet) if d.main else (lambda msg: None),
-                     show=not quiet and d.main, quiet=quiet, device=d.device)
+                     show=not quiet and d.main, quiet=quiet, device=d.device, group=group)
     state_file = state.out / "trainer_state.json"
     summary = read_json(state_file, error=DataError) if resume and state_file.is_file() else {}
     if summary.get("finished"):
@@ -269,8 +272,9 @@ def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: 
         before = fit(state)
         return finish(state, before)
     except BaseException as e:
-        if state.trackers is not None:  # the tracker's run ends marked, not left running
-            state.trackers.finish("FAILED" if isinstance(e, Exception) else "KILLED")
+        if state.trackers is not None:  # the tracker's run ends marked, not left running (a tune trial's study
+            # stops a pruned trial with an exception whose ``outcome`` is "pruned")
+            state.trackers.finish(getattr(e, "outcome", "failed" if isinstance(e, Exception) else "killed"))
         raise
 
 
@@ -413,7 +417,8 @@ def restore(state: RunState) -> None:
         state.say(note)
     if state.d.main:
         names = trackers.parse_report_to(state.cfg.report_to)
-        state.trackers = trackers.start(names, state.out, trackers.run_params(state.cfg, n_train, n_total), state.say)
+        state.trackers = trackers.start(names, state.out, trackers.run_params(state.cfg, n_train, n_total), state.say,
+                                        state.group)
 
 
 def restore_device_rng(state: RunState, saved: dict) -> None:
@@ -496,7 +501,7 @@ def finish(state: RunState, before: dict) -> dict:
         plot_run(read_metrics(state.out), state.out / "report.png", title=f"lorafit: {state.task.name}")
         write_json(state.out / "trainer_state.json", summary)
         if state.trackers is not None:
-            state.trackers.finish("FINISHED")
+            state.trackers.finish("complete")
     state.say(f"after training:  {_fmt(after)}")
     if state.cfg.data is None and not state.d.enabled:
         show_answers(state.core, state.tok, state.task.eval[:3], state.say)
