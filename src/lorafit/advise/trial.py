@@ -53,8 +53,10 @@ def _watch_parent(pid: int) -> None:
     while True:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(3)  # the study's process is gone: nobody reads this trial any more
+        except ProcessLookupError:  # the study's process is gone: nobody reads this trial any more
+            os.kill(os.getpid(), signal.SIGINT)  # its tracker runs end marked killed (KeyboardInterrupt)
+            time.sleep(GRACE_S)
+            os._exit(3)
         time.sleep(0.5)
 
 
@@ -142,6 +144,16 @@ def failure_reason(folder: Path, exitcode: Optional[int]) -> str:
     return f"the trial process exited with code {exitcode}; see {folder / 'train.log'}"
 
 
+def _end(proc, sig: int) -> None:
+    """Signal the trial process, give it GRACE_S to end its tracker runs, then kill it."""
+    if proc.is_alive():
+        os.kill(proc.pid, sig)
+        proc.join(GRACE_S)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
 def run_trial(folder: Path, *, on_eval: Callable[[int, float], bool], heartbeat: Callable[[], None] = lambda: None,
               resume: bool = False) -> Outcome:
     """Train ``folder/trial.json`` in its own process; ``on_eval(step, loss)`` True stops (prunes) it."""
@@ -156,18 +168,13 @@ def run_trial(folder: Path, *, on_eval: Callable[[int, float], bool], heartbeat:
             for rec in _evals(folder / "run" / "metrics.jsonl", seen):
                 last = (rec["step"], rec["eval_loss"])
                 if on_eval(*last):
-                    proc.terminate()  # Stopped in the trial: its trackers mark the run pruned
-                    proc.join(GRACE_S)
-                    if proc.is_alive():
-                        proc.kill()
-                        proc.join()
+                    _end(proc, signal.SIGTERM)  # Stopped in the trial: its trackers mark the run pruned
                     return Outcome("pruned", last[1], last[0], f"pruned at step {last[0]}")
             if proc.exitcode is not None:
                 break
     finally:
-        if proc.is_alive():  # the watcher itself is ending (KeyboardInterrupt): end the trial with it
-            proc.kill()
-            proc.join()
+        if proc.is_alive():  # the watcher itself is ending (KeyboardInterrupt): end the trial with it, its tracker
+            _end(proc, signal.SIGINT)  # runs marked killed
     state = folder / "run" / "trainer_state.json"
     if proc.exitcode == 0 and state.is_file():
         try:

@@ -263,7 +263,6 @@ def _every(seconds: float, fn: Callable[[], None]) -> Callable[[], None]:
 
 def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
     """Sample, check the budgets, train in a child process with pruning at the rungs, and tell the study."""
-    import optuna
     from optuna.trial import TrialState
 
     from ..train.train_config import TrainConfig
@@ -297,10 +296,25 @@ def run_one(job: TuneJob, ctx: Context, study, storage, trial) -> str:
         trial.report(loss, step)
         return trial.should_prune()
 
-    out = run_trial(folder, on_eval=on_eval, heartbeat=_every(job.heartbeat / 2,
-                                                            lambda: storage.record_heartbeat(trial._trial_id)))
-    if ctx.tracking is not None:  # a run its killed process left running ends marked
-        ctx.tracking.mark(folder / "run", out.state)
+    try:
+        out = run_trial(folder, on_eval=on_eval, heartbeat=_every(job.heartbeat / 2,
+                                                                lambda: storage.record_heartbeat(trial._trial_id)))
+    except BaseException:
+        if ctx.tracking is not None:
+            ctx.tracking.mark(folder / "run", "killed")
+        raise
+    try:
+        return _tell(study, trial, out)
+    finally:  # after the study has the result: a slow tracker must not make the trial look stale
+        if ctx.tracking is not None:  # a run its killed process left running ends marked
+            ctx.tracking.mark(folder / "run", out.state)
+
+
+def _tell(study, trial, out) -> str:
+    """Tell the study how a trained trial ended; the worker's line about it."""
+    import optuna
+    from optuna.trial import TrialState
+
     if out.state == "complete":
         study.tell(trial, out.value)
         return f"eval loss {out.value:.4f}"
@@ -433,8 +447,13 @@ def _rerun(job, study, storage, trial, say: Callable[[str], None], tracking: Opt
         write_json(folder / "group.json", tracking.group(f"trial-{source.number:04d}-seed{seed}",
                                                          trial=source.number, seed=seed).to_dict())
     say(f"[seeds] trial {source.number}, seed {seed}: training")
-    result = run_trial(folder, on_eval=lambda step, loss: False,
-                       heartbeat=_every(job.heartbeat / 2, lambda: storage.record_heartbeat(trial._trial_id)))
+    try:
+        result = run_trial(folder, on_eval=lambda step, loss: False,
+                           heartbeat=_every(job.heartbeat / 2, lambda: storage.record_heartbeat(trial._trial_id)))
+    except BaseException:
+        if tracking is not None:  # a run its killed process left running ends marked
+            tracking.mark(folder / "run", "killed")
+        raise
     if tracking is not None:
         tracking.mark(folder / "run", result.state)
     if result.state == "complete":
@@ -600,7 +619,8 @@ def tracking(job: TuneJob, study, names: tuple[str, ...], say: Callable[[str], N
         return None
     params = {**job.settings, "trials": job.trials, "seeds": job.seeds, "pruner": job.pruner,
               "study": job.study, "space": job.space.to_dict()}
-    tracking_ = StudyRuns(names, job.output, "tune", params, say, parent=study.user_attrs.get("mlflow_parent"))
+    tracking_ = StudyRuns(names, job.output, "tune", params, say, parent=study.user_attrs.get("mlflow_parent"),
+                          key=job.study)
     if tracking_.parent is not None and study.user_attrs.get("mlflow_parent") != tracking_.parent:
         study.set_user_attr("mlflow_parent", tracking_.parent)
     return tracking_

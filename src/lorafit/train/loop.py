@@ -274,7 +274,9 @@ def _run(cfg: TrainConfig, d: D.Dist, *, resume: bool, quiet: bool, device_why: 
     except BaseException as e:
         if state.trackers is not None:  # the tracker's run ends marked, not left running (a tune trial's study
             # stops a pruned trial with an exception whose ``outcome`` is "pruned")
-            state.trackers.finish(getattr(e, "outcome", "failed" if isinstance(e, Exception) else "killed"))
+            outcome = getattr(e, "outcome", None)
+            state.trackers.finish(outcome if outcome in trackers.OUTCOMES
+                                  else "failed" if isinstance(e, Exception) else "killed")
         raise
 
 

@@ -151,7 +151,6 @@ class MLflow:
     name = "mlflow"
 
     def __init__(self, out: Path, params: dict, state: dict, group: Optional[Group]) -> None:
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient()
@@ -165,7 +164,7 @@ class MLflow:
                     tags["mlflow.parentRunId"] = group.mlflow_parent
             run_id = self.client.create_run(mlflow_experiment(self.client), run_name=run_name(out, group),
                                             tags=tags).info.run_id
-            self.client.log_batch(run_id, params=[Param(k, _plain(v)[:6000]) for k, v in params.items()])
+            _log_params(self.client, run_id, params)
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = state["mlflow"] = run_id
@@ -187,6 +186,17 @@ class MLflow:
                     self.client.log_artifact(self.run_id, str(f), artifact_path="adapter")
         finally:  # an artifact store that fails must not leave the run RUNNING
             self.client.set_terminated(self.run_id, status=MLFLOW_STATUS[outcome])
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    """The run's parameters; a run whose parameters cannot be sent ends FAILED rather than left RUNNING."""
+    from mlflow.entities import Param
+
+    try:
+        client.log_batch(run_id, params=[Param(k, _plain(v)[:6000]) for k, v in params.items() if v is not None])
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
 
 
 def mlflow_experiment(client) -> str:
@@ -217,8 +227,7 @@ class WandB:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "lorafit", dir=str(out),
                               name=run_name(out, group), id=run_id, resume="allow" if run_id else None,
                               config=params, group=group.name if group else None,
-                              job_type=group.kind if group else "train", reinit="create_new",
-                              tags=[f"{group.kind}:{group.name}"] if group else None)
+                              job_type=group.kind if group else "train", reinit="create_new")
         state["wandb"] = self.run.id
 
     def log(self, records) -> None:
@@ -244,20 +253,31 @@ class WandB:
 
 
 class Trackio:
-    """One trackio run in ``TRACKIO_PROJECT`` (default "lorafit"), in trackio's local store; an outcome other than
-    complete is a trackio alert on the run."""
+    """One trackio run in ``TRACKIO_PROJECT`` (default "lorafit"), in trackio's local store, named after the run
+    folder (with "-2", "-3", ... when the project has a run of that name); an outcome other than complete is a
+    trackio alert on the run."""
 
     name = "trackio"
 
     def __init__(self, out: Path, params: dict, state: dict, group: Optional[Group]) -> None:
         import trackio
 
-        resumed = state.get("trackio") is not None
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT") or "lorafit", name=run_name(out, group),
-                                group=group.name if group else None, config=params, embed=False,
-                                space_id=os.environ.get("TRACKIO_SPACE_ID") or None,
+        project = os.environ.get("TRACKIO_PROJECT") or "lorafit"
+        name = state.get("trackio")  # a resumed run continues the run it named
+        resumed = name is not None
+        if name is None:  # trackio resumes by name: a new run takes a name no run of the project has
+            name = run_name(out, group)
+            try:
+                taken = set(trackio.SQLiteStorage.get_runs(project))
+            except Exception:  # noqa: BLE001 - a store trackio cannot list: keep the name
+                taken = set()
+            base, n = name, 2
+            while name in taken:
+                name, n = f"{base}-{n}", n + 1
+        self.run = trackio.init(project=project, name=name, group=group.name if group else None, config=params,
+                                embed=False, space_id=os.environ.get("TRACKIO_SPACE_ID") or None,
                                 resume="allow" if resumed else "never", auto_log_cpu=False, auto_log_gpu=False)
-        state["trackio"] = run_name(out, group)
+        state["trackio"] = name
 
     def log(self, records) -> None:
         for record in records:
@@ -328,9 +348,9 @@ class Reporting:
 
     def finish(self, outcome: str) -> None:
         """End every tracker's run: "complete", "pruned" (a tune trial its study stopped), "failed" or "killed"."""
-        for tracker in list(self.live):
+        live, self.live = self.live, []  # once: a second finish (a late stop signal) finds none
+        for tracker in live:
             self._call(tracker.name, lambda t=tracker: t.finish(outcome, self.out))
-        self.live = []
 
 
 def start(names: tuple[str, ...], out: Path, params: dict, say: Callable[[str], None],
@@ -345,25 +365,24 @@ class StudyRuns:
     ended where the process itself could not (killed); ``finish`` sends the study's result files."""
 
     def __init__(self, names: tuple[str, ...], folder: Path, kind: str, params: dict,
-                 say: Callable[[str], None], parent: Optional[str] = None) -> None:
+                 say: Callable[[str], None], parent: Optional[str] = None, key: str = "") -> None:
         self.names, self.folder, self.kind, self.say = names, Path(folder), kind, say
         self.name = self.folder.resolve().name
         self.client, self.parent = None, None
         if "mlflow" not in names:
             return
         try:
-            from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
 
             state = read_json(self.folder / STATE_FILE) if (self.folder / STATE_FILE).is_file() else {}
             self.client = MlflowClient()
-            self.parent = parent or state.get("mlflow")
+            # the parent of this study (``key``: tune's study name), not of another study in the same folder
+            self.parent = parent or (state.get("mlflow") if state.get("key", "") == key else None)
             if self.parent is None:
                 self.parent = self.client.create_run(mlflow_experiment(self.client), run_name=self.name,
                                                      tags={f"lorafit.{kind}": self.name}).info.run_id
-                self.client.log_batch(self.parent, params=[Param(k, _plain(v)[:6000]) for k, v in params.items()
-                                                           if v is not None])
-                write_json(self.folder / STATE_FILE, {"mlflow": self.parent})
+                _log_params(self.client, self.parent, params)
+                write_json(self.folder / STATE_FILE, {"mlflow": self.parent, "key": key})
             else:
                 self.client.update_run(self.parent, status="RUNNING")
         except Exception as e:  # the study goes on; its trials still report by themselves
