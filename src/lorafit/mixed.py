@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .errors import AdapterError
 from .experts import ParamLayer
 from .layers import LoraLayer
-from .model import adapter_layers, check_known, state_of
+from .model import adapter_layers, check_known, disabled, state_of
 from .tensors import weight_key
 
 DECODE_WORK = 16  # use the stacked-all schedule when T·(n-1) is below this
@@ -88,6 +88,7 @@ class Routing:
         self._stacked: dict = {}  # id(layer) -> (its stacks, slots, the decode schedule's tensors)
         self._layers: dict = {}  # id(layer) -> [layer, its stacks, {rows: slots}]: read once per context
         self._host: dict = {}  # id(slot tensor) -> its slots as a list (the slot tensors live in _slots)
+        self._base_only: dict = {}  # id(slot tensor) -> no row uses any of the layer's adapters
 
     def layer_state(self, layer: LoraLayer, rows: int, device: torch.device) -> tuple[dict, Tensor]:
         """The layer's stacks and the batch's slots, looked up once per context (the factors are read when a context
@@ -111,6 +112,7 @@ class Routing:
             host = [index.get(a, len(layer_names)) for a in self.names for _ in range(rows // n)]  # generate
             slot = self._slots[key] = torch.tensor(host, device=device)  # repeats each row k times in place
             self._host[id(slot)] = host  # the same slots on the host: nothing is read back from the device
+            self._base_only[id(slot)] = all(j == len(layer_names) for j in host)
         return self._slots[key]
 
     def host_slots(self, slot: Tensor) -> list[int]:
@@ -146,6 +148,8 @@ class Routing:
             raise AdapterError("lorafit.per_row is for inference; the model is in training mode (call model.eval())")
         rows = x.shape[0]
         st, slot = self.layer_state(layer, rows, x.device)
+        if self._base_only[id(slot)]:  # the batch's adapters leave this layer alone
+            return layer.base_forward(x, layer.bias)
         if layer.kind == "conv":
             return _conv_rows(layer, x, st, slot, self.host_slots(slot))
         f = st["f"]
@@ -215,6 +219,10 @@ def per_row(model: nn.Module, names: Sequence[str | None]):
     layers = [layer for _, layer in adapter_layers(model) if not isinstance(layer, ParamLayer)]
     if any(layer.routing is not None for layer in layers):
         raise AdapterError("lorafit.per_row contexts do not nest")
+    if all(n is None for n in names):  # every row on the base model: no routing to do
+        with disabled(model):
+            yield model
+        return
     # no named adapter has expert weights (below): inside the context every row sees the base experts
     experts = [layer for _, layer in adapter_layers(model) if isinstance(layer, ParamLayer)]
     params = [n for n in names if n is not None and state.adapters[n].config.target_parameters]
