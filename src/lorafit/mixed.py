@@ -35,6 +35,7 @@ from .model import adapter_layers, check_known, disabled, state_of
 from .tensors import weight_key
 
 DECODE_WORK = 16  # use the stacked-all schedule when T·(n-1) is below this
+SUBSETS_KEPT = 16  # per layer: the decode schedule's concatenated factors and row masks kept across contexts
 
 
 def _stacks(layer: LoraLayer) -> dict:
@@ -129,17 +130,28 @@ class Routing:
             return entry[2]
         n, r = len(st["names"]), st["r"]
         host = self.host_slots(slot)
-        used = sorted(set(host) - {n})
-        if len(used) == n:  # every adapter: concatenated once per layer, kept with its stacks across contexts
-            if "cat" not in st:
-                st["cat"] = _concatenated(st["A"][:n], st["B"][:n])
-            A_cat, B_cat = st["cat"]
-        else:
-            idx = torch.tensor(used, dtype=torch.long, device=slot.device)
-            A_cat, B_cat = _concatenated(st["A"][idx], st["B"][idx])
-        pos = {j: i for i, j in enumerate(used)}
-        local = torch.tensor([pos.get(j, len(used)) for j in host], device=slot.device)
-        keep = F.one_hot(local, len(used) + 1)[:, :len(used)].to(dtype).repeat_interleave(r, dim=1).unsqueeze(1)
+        used = tuple(sorted(set(host) - {n}))
+        # kept with the layer's stacks across contexts (a server decodes the same rows step after step), a few
+        # subsets and row assignments per layer
+        cats, keeps = st.setdefault("cats", {}), st.setdefault("keeps", {})
+        if used not in cats:
+            if len(cats) >= SUBSETS_KEPT:
+                cats.clear()
+            if len(used) == n:
+                cats[used] = _concatenated(st["A"][:n], st["B"][:n])
+            else:
+                idx = torch.tensor(used, dtype=torch.long, device=slot.device)
+                cats[used] = _concatenated(st["A"][idx], st["B"][idx])
+        A_cat, B_cat = cats[used]
+        key = (tuple(host), dtype, slot.device)
+        if key not in keeps:
+            if len(keeps) >= SUBSETS_KEPT:
+                keeps.clear()
+            pos = {j: i for i, j in enumerate(used)}
+            local = torch.tensor([pos.get(j, len(used)) for j in host], device=slot.device)
+            keeps[key] = F.one_hot(local, len(used) + 1)[:, :len(used)].to(dtype).repeat_interleave(r, dim=1) \
+                .unsqueeze(1)
+        keep = keeps[key]
         self._stacked[id(layer)] = (st, slot, (A_cat, B_cat, keep))
         return A_cat, B_cat, keep
 

@@ -59,13 +59,13 @@ def test_every_command_taking_a_shared_flag_starts_its_help_with_the_one_stem(fl
 def test_the_walk_finds_every_command_that_takes_model():
     takers = {name for name, p in commands().items() for a in p._actions if "--model" in a.option_strings}
     assert takers == {"train", "data", "eval", "plan", "merge", "generate", "chat", "suggest", "probe", "sweep",
-                      "tune", "export", "check"}
+                      "tune", "export", "check", "serve"}
 
 
 def test_the_walk_finds_every_command_that_takes_device():
-    """eval, generate, chat, merge, plan and suggest build it in cli.common; train, probe, sweep and tune generate
-    it from TrainConfig. Every command that loads or plans a model takes it."""
-    built = ("eval", "generate", "chat", "merge", "plan", "suggest")
+    """eval, generate, chat, merge, plan, suggest and serve build it in cli.common; train, probe, sweep and tune
+    generate it from TrainConfig. Every command that loads or plans a model takes it."""
+    built = ("eval", "generate", "chat", "merge", "plan", "suggest", "serve")
     generated = ("train", "probe", "sweep", "tune")
     takers = {name: a for name, p in commands().items() for a in p._actions if "--device" in a.option_strings}
     assert set(takers) == {*built, *generated}

@@ -24,7 +24,7 @@ import sys
 
 from .. import __version__
 from ..errors import AdapterError, ConfigError, DataError, TrainingError
-from . import adapter, advise, data, export, infer, train, tune
+from . import adapter, advise, data, export, infer, serve, train, tune
 from .common import require
 
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_parsers(sub)  # suggest, probe, sweep
     tune.add_parser(sub)
     export.add_parsers(sub)  # export, check
+    serve.add_parser(sub)
     return parser
 
 

@@ -18,7 +18,8 @@ REGEX_CHARS = set("*|()[]\\^$+?{}")
 # import name -> (pip package, lorafit extra that brings it)
 EXTRAS = {"transformers": ("transformers", "cli"), "yaml": ("pyyaml", "cli"), "tqdm": ("tqdm", "cli"),
           "matplotlib": ("matplotlib", "cli"), "gguf": ("gguf", "cli"), "accelerate": ("accelerate", "cli"),
-          "optuna": ("optuna", "tune"), "torchao": ("torchao", "quant")}
+          "optuna": ("optuna", "tune"), "torchao": ("torchao", "quant"), "fastapi": ("fastapi", "serve"),
+          "uvicorn": ("uvicorn", "serve")}
 RUN_NEEDS = ("transformers", "yaml", "tqdm", "matplotlib")  # commands that train, plot and write YAML
 DEMO_NEEDS = ("gguf", "accelerate")  # building the embedded SmolLM2 checkpoint from its GGUF file
 
