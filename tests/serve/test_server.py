@@ -78,13 +78,20 @@ def start(argv: list, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def server(files):
+def served(files):
+    """The module's server process and URL; its last test (SIGTERM) ends it."""
     proc, url = start(["--model", files["model"], "--adapter", f"qv={files['qv']}", "--adapter",
                        f"all={files['all']}", "--api-key", KEY, "--adapter-root", files["root"], "--max-batch", "4"],
                       files["dir"] / "server.log")
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +245,19 @@ def test_bad_flags_exit_2_before_the_model_loads(files, tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_sigterm_ends_running_requests_and_exits_0(files, tmp_path):
-    proc, url = start(["--model", files["model"], "--adapter", f"qv={files['qv']}"], tmp_path / "log")
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+def test_without_fastapi_serve_says_what_to_install_before_any_work(files):
+    code = ("import sys; sys.modules['fastapi'] = None\nfrom lorafit.cli import main\n"
+            f"sys.exit(main(['serve', '--model', {str(files['model'])!r}, '--port', '0']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.strip().splitlines() == ["lorafit: error: lorafit serve needs fastapi, which is not installed: "
+                                             "pip install 'lorafit[serve]'"]
+
+
+def test_sigterm_ends_running_requests_and_exits_0(served):
+    """Last in the module: it ends the module's server."""
+    proc, url = served
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     got: dict = {}
     started = threading.Event()
 
@@ -260,12 +277,3 @@ def test_sigterm_ends_running_requests_and_exits_0(files, tmp_path):
     assert proc.wait(30) == 0 and time.time() - t < 15
     worker.join(30)
     assert got.get("finish") in ("length", "stop")  # the running answer ended, not dropped
-
-
-def test_without_fastapi_serve_says_what_to_install_before_any_work(files):
-    code = ("import sys; sys.modules['fastapi'] = None\nfrom lorafit.cli import main\n"
-            f"sys.exit(main(['serve', '--model', {str(files['model'])!r}, '--port', '0']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stdout == "", r.stderr
-    assert r.stderr.strip().splitlines() == ["lorafit: error: lorafit serve needs fastapi, which is not installed: "
-                                             "pip install 'lorafit[serve]'"]

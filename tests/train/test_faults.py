@@ -196,7 +196,7 @@ def visible(folder: Path) -> set[str]:
 def test_save_killed_at_random_points_leaves_a_complete_adapter(server, tmp_path):
     refs = saver_adapters(tmp_path)
     outcomes = []
-    for seed in range(16):
+    for seed in range(10):
         folder = tmp_path / f"s{seed}"
         folder.mkdir()
         target, log = folder / "adapter", folder / "saves.log"
