@@ -5,6 +5,7 @@ request answered with OpenAI's error JSON while the server stays up, runtime ada
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -117,11 +118,27 @@ def test_models_lists_the_base_and_every_adapter(client, files):
     assert [m.id for m in client.models.list().data] == [files["model"].name, "qv", "all"]
 
 
+def peft_answer(files, adapter: str, prompt: str, n: int) -> str:
+    """transformers + PEFT's own greedy ``generate`` of the adapter's folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(files["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["model"]), files[adapter]).eval()
+    ids = torch.tensor([render(tok, prompt=prompt, raw=True)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("adapter", [None, "qv", "all"])
-def test_completions_equal_lorafit_generate(client, files, reference, adapter):
+def test_completions_equal_lorafit_generate_and_peft(client, files, reference, adapter):
     name = adapter or files["model"].name
     got = client.completions.create(model=name, prompt=PROMPTS[1], max_tokens=10, temperature=0)
     assert got.choices[0].text == reference(adapter, 10, prompt=PROMPTS[1])
+    if adapter is not None:
+        assert got.choices[0].text == peft_answer(files, adapter, PROMPTS[1], 10)
     assert got.model == name and got.usage.prompt_tokens > 0 and got.usage.completion_tokens <= 10
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
 
@@ -154,6 +171,20 @@ def test_concurrent_requests_for_different_adapters_each_equal_generate(server, 
         assert text == reference(adapter, 8, prompt=prompt), (adapter, prompt)
     health = httpx.get(server.removesuffix("/v1") + "/health").json()
     assert health["peak_batch"] >= 2 and health["rows"] == 0  # rows of different adapters decoded together
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    health = server.removesuffix("/v1") + "/health"
+    body = {"model": "qv", "prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        next(r.iter_lines())  # the first piece has come: the row is decoding
+        at_close = httpx.get(health).json()["steps"]
+    deadline = time.time() + 30
+    while httpx.get(health).json()["rows"] and time.time() < deadline:
+        time.sleep(0.02)
+    after = httpx.get(health).json()
+    assert after["rows"] == 0 and after["steps"] - at_close < 200  # freed long before its 240 tokens
 
 
 def test_seeded_sampling_is_reproducible(client):
@@ -252,6 +283,49 @@ def test_without_fastapi_serve_says_what_to_install_before_any_work(files):
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.strip().splitlines() == ["lorafit: error: lorafit serve needs fastapi, which is not installed: "
                                              "pip install 'lorafit[serve]'"]
+
+
+LM_EVAL_TASK = """task: lorafit_reviews
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Review: {{{{text}}}}\\nSentiment:"
+doc_to_target: " {{{{label}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.slow  # lm_eval's start takes ~15 s; needs pip install 'lm-eval[api]'
+def test_lm_evaluation_harness_local_completions_against_the_server(server, files, reference, tmp_path):
+    """docs/serve.md's lm-eval command, on a local task: its answers are the server's, equal to lorafit generate."""
+    pytest.importorskip("lm_eval")
+    rows = [{"text": t, "label": label} for t, label in [("the movie was good", "positive"),
+                                                         ("the movie was bad", "negative")] * 3]
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "reviews.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "reviews.jsonl"))
+    args = (f"model=qv,base_url={server}/completions,tokenizer={files['model']},tokenized_requests=False,"
+            "num_concurrent=4,max_retries=1")
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                        "--include_path", str(tmp_path / "task"), "--tasks", "lorafit_reviews", "--output_path",
+                        str(tmp_path / "out"), "--log_samples"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    [samples] = (tmp_path / "out").rglob("samples_lorafit_reviews_*.jsonl")
+    got = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(got) == len(rows)
+    for sample in got:
+        prompt = f"Review: {sample['doc']['text']}\nSentiment:"
+        assert sample["resps"][0][0] == reference("qv", 8, prompt=prompt).split("\n")[0], sample
 
 
 def test_sigterm_ends_running_requests_and_exits_0(served):
