@@ -67,23 +67,25 @@ def main() -> None:
 
         return GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
 
-    def mixed() -> tuple[dict, list[float]]:
-        latency, out, left, done = [0.0] * args.requests, {}, [args.requests], threading.Event()
-        t0 = time.perf_counter()
-        rows = []
-        for i in range(args.requests):
+    def through_engine(which: list[int], t0: float, latency: list[float], out: dict) -> None:
+        """Submit requests ``which`` to the engine together and wait for all of them."""
+        left, done, rows = [len(which)], threading.Event(), {}
+        for i in which:
             def emit(text, finish, i=i):  # called on the engine's thread
                 if finish is not None:
                     latency[i] = time.perf_counter() - t0
                     left[0] -= 1
                     if left[0] == 0:
                         done.set()
-            rows.append(Row(prompt=ids[i], adapter=adapter_of[i], max_tokens=args.tokens, emit=emit))
-        for row in rows:
+            rows[i] = Row(prompt=ids[i], adapter=adapter_of[i], max_tokens=args.tokens, emit=emit)
+        for row in rows.values():
             engine.submit(row)
         done.wait()
-        for i, row in enumerate(rows):
-            out[i] = row.tokens
+        out.update({i: row.tokens for i, row in rows.items()})
+
+    def mixed() -> tuple[dict, list[float]]:
+        out, latency = {}, [0.0] * args.requests
+        through_engine(list(range(args.requests)), time.perf_counter(), latency, out)
         return out, latency
 
     def engine_one_adapter_at_a_time() -> tuple[dict, list[float]]:
@@ -91,19 +93,7 @@ def main() -> None:
         out, latency = {}, [0.0] * args.requests
         t0 = time.perf_counter()
         for name in names:
-            which = [i for i in range(args.requests) if adapter_of[i] == name]
-            left, done, rows = [len(which)], threading.Event(), {}
-            for i in which:
-                def emit(text, finish, i=i):
-                    if finish is not None:
-                        latency[i] = time.perf_counter() - t0
-                        left[0] -= 1
-                        if left[0] == 0:
-                            done.set()
-                rows[i] = Row(prompt=ids[i], adapter=name, max_tokens=args.tokens, emit=emit)
-                engine.submit(rows[i])
-            done.wait()
-            out.update({i: row.tokens for i, row in rows.items()})
+            through_engine([i for i in range(args.requests) if adapter_of[i] == name], t0, latency, out)
         return out, latency
 
     def one_adapter_at_a_time() -> tuple[dict, list[float]]:

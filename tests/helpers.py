@@ -412,3 +412,15 @@ def stop_at_load(monkeypatch) -> list:
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     return asked
+
+
+def save_lora(model_dir: Path, out: Path, config, seed: int) -> Path:
+    """An adapter of ``config`` for the model in ``model_dir``, perturbed (``perturb_trainable``, so not a no-op)
+    and saved in ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+
+    model = lorafit.attach(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    perturb_trainable(model, seed=seed, std=0.2)
+    return lorafit.save(model, out)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import lorafit
-from helpers import make_model_dir, perturb_trainable
+from helpers import make_model_dir, save_lora
 from lorafit import LoraConfig
 from lorafit.generate import generate, load_for_inference, render, stop_token_ids
 from lorafit.serve.engine import Engine, Row
@@ -25,19 +24,11 @@ CONFIGS = {"qv": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj
            "dora": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)}
 
 
-def save_adapter(model_dir: Path, out: Path, config: LoraConfig, seed: int) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    model = lorafit.attach(AutoModelForCausalLM.from_pretrained(model_dir), config)
-    perturb_trainable(model, seed=seed, std=0.2)
-    return lorafit.save(model, out)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     model = make_model_dir(d / "model")
-    return {"model": model, **{name: save_adapter(model, d / name, cfg, seed)
+    return {"model": model, **{name: save_lora(model, d / name, cfg, seed)
                                for seed, (name, cfg) in enumerate(CONFIGS.items(), start=1)}}
 
 
@@ -163,7 +154,7 @@ def test_a_cancelled_row_is_freed_and_the_others_go_on(served):
 
 
 def test_adapters_load_and_unload_between_steps(files, served, tmp_path):
-    extra = save_adapter(files["model"], tmp_path / "extra", CONFIGS["qv"], seed=9)
+    extra = save_lora(files["model"], tmp_path / "extra", CONFIGS["qv"], seed=9)
     served.call(lambda: served.load_adapter("extra", extra))
     ids = render(served.tok, prompt=PROMPTS[0], raw=True)
     [(tokens, _, _)] = answer(served, [Row(prompt=ids, adapter="extra", max_tokens=8)])

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import lorafit
-from helpers import make_chat_model_dir, make_model_dir, perturb_trainable
+from helpers import make_chat_model_dir, make_model_dir, save_lora
 from lorafit import LoraConfig
 from lorafit.cli import main
 from lorafit.generate import generate, load_for_inference, render
@@ -31,24 +30,16 @@ KEY = "test-key-123"
 PROMPTS = ["the movie was", "Review: the movie was good\nSentiment:", "positive negative"]
 
 
-def save_adapter(model_dir: Path, out: Path, config: LoraConfig, seed: int) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    model = lorafit.attach(AutoModelForCausalLM.from_pretrained(model_dir), config)
-    perturb_trainable(model, seed=seed, std=0.2)
-    return lorafit.save(model, out)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("server")
     model = make_chat_model_dir(d / "model")
     root = d / "root"
     return {"model": model, "root": root, "dir": d,
-            "qv": save_adapter(model, d / "qv", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 1),
-            "all": save_adapter(model, d / "all", LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+            "qv": save_lora(model, d / "qv", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 1),
+            "all": save_lora(model, d / "all", LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                              use_dora=True), 2),
-            "late": save_adapter(model, root / "late", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), 3)}
+            "late": save_lora(model, root / "late", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), 3)}
 
 
 def start(argv: list, log: Path) -> tuple[subprocess.Popen, str]:
@@ -265,7 +256,7 @@ def test_bad_flags_exit_2_before_the_model_loads(files, tmp_path, capsys):
     assert main(["serve", "--model", str(files["model"]), "--adapter", f"x={tmp_path / 'missing'}"]) == 2
     assert "no such folder" in capsys.readouterr().err
     other = make_model_dir(tmp_path / "other", hidden=32, intermediate=64)
-    wrong = save_adapter(other, tmp_path / "wrong", LoraConfig(r=2, target_modules=["q_proj"]), 1)
+    wrong = save_lora(other, tmp_path / "wrong", LoraConfig(r=2, target_modules=["q_proj"]), 1)
     assert main(["serve", "--model", str(files["model"]), "--adapter", f"w={wrong}", "--port", "0"]) == 2
     assert "made for" in capsys.readouterr().err
     with socket.socket() as taken:
