@@ -164,3 +164,34 @@ def test_adapters_load_and_unload_between_steps(files, served, tmp_path):
         served.call(lambda: served.load_adapter("extra", extra))
     served.call(lambda: served.unload_adapter("extra"))
     assert "extra" not in lorafit.adapters(served.model)
+
+
+def test_a_failing_step_ends_its_rows_with_an_error_and_the_engine_goes_on(served, monkeypatch):
+    ids = render(served.tok, prompt=PROMPTS[0], raw=True)
+    [(tokens, text, finish)] = answer(served, [Row(prompt=ids, adapter="nope", max_tokens=4)])  # its prefill fails
+    assert finish == "error" and "nope" in text and tokens == []
+    real = served._pick
+    calls = []
+
+    def fails_once(logits, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:  # the first decoding step
+            raise RuntimeError("out of memory (pretend)")
+        return real(logits, rows)
+    monkeypatch.setattr(served, "_pick", fails_once)
+    [(_, text, finish)] = answer(served, [Row(prompt=ids, adapter="qv", max_tokens=6)])
+    assert finish == "error" and "out of memory (pretend)" in text and served.failures == 1
+    monkeypatch.setattr(served, "_pick", real)
+    [(tokens, _, finish)] = answer(served, [Row(prompt=ids, adapter="qv", max_tokens=6)])
+    assert len(tokens) == 6 and finish == "length" and served.thread.is_alive()
+
+
+def test_a_model_with_sliding_window_caches_is_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lorafit.errors import ConfigError
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
+    with pytest.raises(ConfigError, match="full-attention KV caches only.*Sliding"):
+        Engine(model, None)

@@ -198,6 +198,8 @@ def _error(response) -> dict:
     ({"model": "qv"}, 400, "prompt"),
     ({"model": "qv", "prompt": "the movie " * 200}, 400, "this model's context is 256 tokens"),
     ({"model": "qv", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "qv", "prompt": [5, 10**6]}, 400, "token ids must be in [0, "),
+    ({"model": "qv", "prompt": "x", "temperature": 1, "seed": 2**64}, 400, "seed"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, says):
     r = httpx.post(f"{server}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)

@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
     engine = Engine(model, tok, max_batch=args.max_batch).start()
     served = Served(engine, tok, base_name, {n: str(f) for n, f in adapters.items()}, root, api_key, context,
-                    default_max_tokens=args.max_tokens)
+                    vocab=model.get_input_embeddings().num_embeddings, default_max_tokens=args.max_tokens)
     app = build_app(served)
     if not _is_loopback(args.host) and api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "

@@ -53,7 +53,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(default=None, ge=0)
+    seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: Optional[dict] = None
 
@@ -87,6 +87,7 @@ class Served:
     adapter_root: Optional[Path] = None
     api_key: Optional[str] = None
     context: int = 2048  # the model's context length, in tokens
+    vocab: int = 0  # token ids a prompt may hold: 0 <= id < vocab (0: the tokenizer's length)
     default_max_tokens: int = 256
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -147,8 +148,11 @@ def _answers(app: FastAPI, served: Served) -> None:
     @app.get("/health")
     async def health():
         engine = served.engine
-        return {"status": "ok", "rows": len(engine.rows), "waiting": len(engine.pending), "steps": engine.steps,
-                "peak_batch": engine.peak}
+        state = {"rows": len(engine.rows), "waiting": len(engine.pending), "steps": engine.steps,
+                 "peak_batch": engine.peak, "failed_steps": engine.failures}
+        if not engine.thread.is_alive():
+            return JSONResponse({"status": "engine stopped", **state}, status_code=503)
+        return {"status": "ok", **state}
 
     @app.get("/v1/models")
     async def models():
@@ -191,6 +195,8 @@ def _adapters(app: FastAPI, served: Served) -> None:
         folder = inside_root(served.adapter_root, body.lora_path)
         try:
             await asyncio.to_thread(served.engine.call, lambda: served.engine.load_adapter(body.lora_name, folder))
+        except TimeoutError:
+            raise ApiError(503, "the engine is busy; try again", type_="server_error") from None
         except (AdapterError, ConfigError, DataError, OSError, ValueError) as e:
             raise ApiError(400, f"cannot load {body.lora_path!r}: {e}", param="lora_path") from None
         served.adapters[body.lora_name] = str(folder)
@@ -206,6 +212,8 @@ def _adapters(app: FastAPI, served: Served) -> None:
                            code="model_not_found")
         try:
             await asyncio.to_thread(served.engine.call, lambda: served.engine.unload_adapter(body.lora_name))
+        except TimeoutError:
+            raise ApiError(503, "the engine is busy; try again", type_="server_error") from None
         except ConfigError as e:
             raise ApiError(409, str(e), param="lora_name") from None
         del served.adapters[body.lora_name]
@@ -216,7 +224,10 @@ def inside_root(root: Path, path: str) -> Path:
     """``path`` (absolute, or relative to ``root``) after resolving '..' and symlinks; it must be a folder inside
     ``root``."""
     real_root = root.resolve()
-    folder = (real_root / path).resolve()
+    try:
+        folder = (real_root / path).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte, a loop of links
+        raise ApiError(400, f"lora_path {path!r} is not a usable path ({e})", param="lora_path") from None
     if folder != real_root and real_root not in folder.parents:
         raise ApiError(403, f"{path!r} is outside --adapter-root; load adapters from inside it", param="lora_path",
                        code="path_outside_root")
@@ -256,6 +267,10 @@ def _prompts(served: Served, prompt) -> list[list[int]]:
     if not items or len(items) > served.engine.max_batch:
         raise ApiError(400, f"prompt: expected 1 to {served.engine.max_batch} prompts, got {len(items)}",
                        param="prompt")
+    vocab = served.vocab or len(served.tokenizer)
+    for p in items:
+        if isinstance(p, list) and any(not 0 <= t < vocab for t in p):
+            raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
     # text as `lorafit generate --raw` tokenizes a prompt (special tokens included)
     return [_check_length(served, list(p) if isinstance(p, list) else render(served.tokenizer, prompt=p, raw=True))
             for p in items]
@@ -275,8 +290,7 @@ async def _answer(served: Served, request: Request, body: _Sampling, adapter: Op
         queue: asyncio.Queue = asyncio.Queue()
         row = Row(prompt=ids, adapter=adapter, max_tokens=min(want or served.default_max_tokens, room),
                   temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop_ids=frozenset(stops),
-                  stop=stop, emit=lambda text, finish, q=queue: loop.call_soon_threadsafe(q.put_nowait,
-                                                                                            (text, finish)))
+                  stop=stop, emit=_to_queue(loop, queue))
         queues.append(queue)
         rows.append(row)
     for row in rows:
@@ -309,6 +323,17 @@ async def _answer(served: Served, request: Request, body: _Sampling, adapter: Op
             "model": body.model, "choices": choices, "usage": usage_of()}
 
 
+def _to_queue(loop, queue: asyncio.Queue):
+    """A row's ``emit``, called on the engine's thread: hands (text, finish) to the request's queue (nothing once
+    the server's loop has closed, at shutdown)."""
+    def emit(text: str, finish) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (text, finish))
+        except RuntimeError:
+            pass
+    return emit
+
+
 async def _collect(queue: asyncio.Queue, request: Request) -> tuple[str, str]:
     parts = []
     while True:
@@ -318,6 +343,8 @@ async def _collect(queue: asyncio.Queue, request: Request) -> tuple[str, str]:
             if await request.is_disconnected():
                 raise ApiError(499, "the client closed the request") from None
             continue
+        if finish == "error":
+            raise ApiError(500, f"the model failed on this request: {text}", type_="server_error")
         parts.append(text)
         if finish is not None:
             return "".join(parts), _openai_finish(finish)
@@ -347,6 +374,11 @@ async def _stream(rows, queues, ident, created, model, chat, include_usage, usag
                 yield chunk(i, None, None, first=True)
             while True:
                 text, finish = await queue.get()
+                if finish == "error":  # OpenAI's streams carry an error as an event of its own
+                    error = error_body(f"the model failed on this request: {text}", "server_error")
+                    yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 if text:
                     yield chunk(i, text, None)
                 if finish is not None:

@@ -27,9 +27,10 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError
 from ..mixed import per_row
-from ..model import adapters, delete, has_adapter
+from ..model import adapter_layers, adapters, delete, has_adapter
 from ..peft_format import load
 
+PREFIX = 4  # prompt tokens decoded before the answer's (see Engine._text)
 
 @dataclass
 class Row:
@@ -48,6 +49,7 @@ class Row:
     # the engine's
     tokens: list[int] = field(default_factory=list)
     sent: str = ""  # text already emitted
+    prefix_text: str = ""  # the prompt's last PREFIX tokens, decoded
     cached: int = 0  # tokens in this row's cache (the next token's position)
     gen: Optional[torch.Generator] = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -55,7 +57,8 @@ class Row:
 
 class Engine:
     """The decoding thread. ``submit`` a Row; its ``emit`` is called from this thread with each new piece of text
-    and, last, the finish reason ("stop", "length", or "cancelled" when its client left)."""
+    and, last, the finish reason ("stop", "length", "cancelled" when its client left, or "error" with the error's
+    text). A step that raises ends its rows with "error"; the thread goes on."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16) -> None:
         self.model, self.tok, self.max_batch = model.eval(), tokenizer, max_batch
@@ -69,10 +72,12 @@ class Engine:
         self.stopping = False
         self.steps = 0  # decoding steps run
         self.peak = 0  # the most rows one step decoded together
+        self.failures = 0  # steps that raised (their rows ended with finish reason "error")
         # transformers 5 names the KV cache argument ``cache`` (``past_key_values`` before, deprecated since)
         import inspect
 
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        check_cache(model)
         self.thread = threading.Thread(target=self._loop, name="lorafit-serve-engine", daemon=True)
 
     # --- the server's side ------------------------------------------------------------------------------------
@@ -133,9 +138,15 @@ class Engine:
                 for command in commands:
                     with torch.inference_mode(False):  # an adapter loaded here gets normal (trainable) tensors
                         command()
-                self._admit()
-                if self.rows:
-                    self._step()
+                try:
+                    self._admit()
+                    if self.rows:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - the batch's rows fail; the engine goes on
+                    self.failures += 1
+                    for row in self.rows:
+                        row.emit(f"{type(e).__name__}: {e}", "error")
+                    self.rows, self.cache, self.mask = [], None, None
         for row in [*self.rows, *self.pending]:
             row.emit("", "length")
         self.rows, self.cache, self.mask = [], None, None
@@ -150,14 +161,15 @@ class Engine:
                 continue
             try:
                 cache, logits = self._prefill(row)
+                row.cached = len(row.prompt)
+                if row.temperature > 0:
+                    row.gen = torch.Generator(device=self.device)
+                    row.gen.manual_seed(row.seed if row.seed is not None else int(time.time_ns() % 2**63))
+                token = self._pick(logits, [row])[0]
             except Exception as e:  # noqa: BLE001 - one bad row must not stop the server
-                row.emit(f"\n[error: {type(e).__name__}: {e}]", "error")
+                row.emit(f"{type(e).__name__}: {e}", "error")
                 continue
-            row.cached = len(row.prompt)
-            if row.temperature > 0:
-                row.gen = torch.Generator(device=self.device)
-                row.gen.manual_seed(row.seed if row.seed is not None else int(time.time_ns() % 2**63))
-            token = self._pick(logits, [row])[0]
+            row.prefix_text = self.tok.decode(row.prompt[-PREFIX:], skip_special_tokens=True)
             if self._take(row, token):
                 self._join(row, cache)
 
@@ -216,7 +228,7 @@ class Engine:
             self._flush(row, "stop")
             return False
         row.tokens.append(token)
-        text = self.tok.decode(row.tokens, skip_special_tokens=True)
+        text = self._text(row)
         for s in row.stop:
             at = text.find(s)
             if at >= 0:
@@ -225,8 +237,9 @@ class Engine:
         if len(row.tokens) >= row.max_tokens:
             self._emit(row, text, "length")
             return False
-        # hold back an unfinished character and what could be the start of a stop string
-        end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        # hold back an unfinished character (byte-fallback tokenizers show one U+FFFD per byte) and what could be
+        # the start of a stop string
+        end = len(text.rstrip("\ufffd"))
         for s in row.stop:
             for k in range(min(len(s) - 1, end), 0, -1):
                 if text[:end].endswith(s[:k]):
@@ -236,7 +249,15 @@ class Engine:
         return True
 
     def _flush(self, row: Row, finish: str) -> None:
-        self._emit(row, self.tok.decode(row.tokens, skip_special_tokens=True), finish)
+        self._emit(row, self._text(row), finish)
+
+    def _text(self, row: Row) -> str:
+        """The answer's text, decoded after the prompt's last tokens (so that a tokenizer that drops a leading
+        space at the start of a text, SentencePiece's Metaspace, keeps the answer's first space)."""
+        full = self.tok.decode(row.prompt[-PREFIX:] + row.tokens, skip_special_tokens=True)
+        if full.startswith(row.prefix_text):
+            return full[len(row.prefix_text):]
+        return self.tok.decode(row.tokens, skip_special_tokens=True)
 
     @staticmethod
     def _emit(row: Row, text: str, finish: Optional[str]) -> None:
@@ -282,6 +303,7 @@ class Engine:
             raise AdapterError(f"an adapter named {name!r} is already served")
         load(self.model, path, name=name)
         self.model.eval()
+        self._forget_stacks()
 
     def unload_adapter(self, name: str) -> None:
         if not has_adapter(self.model) or name not in adapters(self.model):
@@ -290,6 +312,27 @@ class Engine:
             raise ConfigError(f"adapter {name!r} has {self.busy(name)} requests running or waiting; unload it when "
                               "they are done")
         delete(self.model, name)
+        self._forget_stacks()
+
+    def _forget_stacks(self) -> None:
+        """per_row's cached stacks are keyed by names and storage; a name loaded again may reuse freed storage."""
+        if has_adapter(self.model):
+            for _, layer in adapter_layers(self.model):
+                layer.__dict__.pop("_mixed_stacks", None)
+
+
+def check_cache(model: nn.Module) -> None:
+    """The engine keeps rows side by side in full-attention cache layers; a model whose cache has sliding-window or
+    shared layers (Mistral's window, Gemma 2/3) is refused, naming them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers
+             if type(layer) is not DynamicLayer}
+    if kinds:
+        raise ConfigError(f"lorafit serve batches full-attention KV caches only; this model's cache has "
+                          f"{', '.join(sorted(kinds))} layers (sliding-window or shared attention). Serve it with "
+                          "vLLM or llama.cpp (lorafit export), or try its adapters with lorafit generate")
 
 
 def _cache_of(out):
