@@ -58,3 +58,44 @@ def test_a_far_pruned_trial_does_not_flatten_the_completed_ones(tmp_path):
     near = rows[:7] + [{"trainable": 1, "eval_loss": 0.16, "state": "pruned"}]
     assert loss_limits(near) is None  # a pruned trial within reach stays on the plot as it is
     assert plot_pareto(rows, tmp_path / "p.png", title="study").stat().st_size > 1000
+
+
+# --- tune's pick (lorafit.advise.tune_report.pick) --------------------------------------------------------------
+
+def _row(trial, trainable, losses):
+    import statistics
+
+    return {"trial": trial, "state": "complete", "trainable": trainable, "eval_loss": losses[0],
+            "seeds": len(losses), "mean": statistics.fmean(losses),
+            "std": statistics.stdev(losses) if len(losses) > 1 else None}
+
+
+def test_a_noisy_configuration_loses_to_a_stable_one_of_equal_mean():
+    from lorafit.advise.tune_report import pick
+
+    noisy = _row(0, 2_440_000, [0.186, 0.210, 0.317])  # the all-linear r=8: one seed in three spikes
+    stable = _row(1, 2_440_000, [0.236, 0.238, 0.240])  # the same mean, 30x less spread
+    best, reason = pick([noisy, stable])
+    assert best is stable, reason
+    assert "within noise of the lowest mean (trial 0" in reason and "spread" in reason
+
+
+def test_a_smaller_configuration_within_noise_wins_and_one_outside_noise_does_not():
+    from lorafit.advise.tune_report import pick
+
+    big = _row(0, 9_770_000, [0.168, 0.219, 0.174])  # 0.187 ± 0.028
+    small = _row(1, 1_840_000, [0.193, 0.194, 0.191])  # 0.193 ± 0.002: within noise, 19% of the parameters
+    tiny = _row(2, 310_000, [0.252, 0.250, 0.242])  # 0.248: outside noise
+    best, reason = pick([big, small, tiny])
+    assert best is small and "19% of its parameters" in reason, reason
+    best, reason = pick([big, tiny])
+    assert best is big and reason.endswith("the lowest mean"), reason
+
+
+def test_without_seeded_reruns_the_lowest_eval_loss_is_picked():
+    from lorafit.advise.tune_report import pick
+
+    rows = [_row(0, 100, [0.3]), _row(1, 50, [0.2]), {**_row(2, 10, [0.1]), "state": "pruned"}]
+    best, reason = pick(rows)
+    assert best["trial"] == 1 and "one seed" in reason
+    assert pick([rows[2]]) == (None, "no trial completed")

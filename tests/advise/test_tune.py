@@ -20,7 +20,7 @@ from lorafit.lora_config import LoraConfig
 
 optuna = pytest.importorskip("optuna")
 
-FAST = ["--steps", "8", "--batch-size", "4", "--max-length", "48", "--eval-max", "8"]
+FAST = ["--steps", "8", "--batch-size", "4", "--max-length", "48", "--eval-max", "8", "--seeds", "1"]
 SMALL_SPACE = "r: {low: 1, high: 4}\ntargets: [qv, mlp]\nalpha: [16]\nrslora: [false]\ndora: [false]\n"
 
 

@@ -59,7 +59,7 @@ class TuneJob:
     study: str = "lorafit"
     budget_params: Optional[int] = None
     memory_budget: Optional[int] = None
-    seeds: int = 1
+    seeds: int = 3  # tune_report.SEEDS: the top configurations re-trained with 3 seeds
     pruner: str = "halving"
     heartbeat: int = 30  # seconds between heartbeats; a trial silent for 2 is re-run
     sampler_seed: Optional[int] = None  # None: each worker draws its own (identical seeds would repeat trials)

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ..advise.tune_report import SEEDS
 from ..errors import ConfigError
 from .common import RUN_NEEDS, add_output_flag, add_target_parameters_flag, positive_int, read_yaml
 from .train import RUN_FLAGS, add_run_flags, run_settings
@@ -48,8 +49,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if best is None:
         print("no trial completed: see the notes in results.md")
         return 1
-    print(f"best: trial {best['trial']}, eval loss {best['eval_loss']:.4f}; train it with "
-          f"`lorafit train --config {out / 'best.yaml'}`")
+    print(f"best: {result['reason']}; train it with `lorafit train --config {out / 'best.yaml'}`")
     return 0
 
 
@@ -68,8 +68,9 @@ def add_parser(sub) -> None:
     p.add_argument("--budget-params", help="most adapter parameters, e.g. 2M (default: none)")
     p.add_argument("--memory-budget", help="peak training memory allowed (lorafit plan's estimate), e.g. 8GB "
                    "(default: none)")
-    p.add_argument("--seeds", type=positive_int, default=1, help="re-train the top 3 configs with K seeds and report "
-                   "mean ± std (default: 1, no re-training)")
+    p.add_argument("--seeds", type=positive_int, default=SEEDS, help="re-train the top 3 configs with K seeds, "
+                   "rank them by their mean and pick the smallest, steadiest one within noise of the best (1: no "
+                   f"re-training, pick by one seed's eval loss) (default: {SEEDS})")
     add_target_parameters_flag(p, "in every trial ('experts' only: the space's experts knob fixed on)",
                                "the space's experts knob decides")
     p.add_argument("--space", help="search-space YAML: r, targets, alpha, rslora, dora, lr, experts (default: the full "
