@@ -90,11 +90,17 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
     if chat_template is not None:
         use_chat_template(tok, chat_template)
     if adapter_dir is not None:
-        try:
-            load(model, adapter_dir, name="default")  # the folder's own adapter, not its subfolders
-        except AdapterError as e:
-            raise AdapterError(_mismatch(str(e), adapter_dir, model_dir)) from None
+        attach_adapter(model, adapter_dir, model_dir)
     return model.eval(), tok  # the adapter's tensors are made on its base weights' device
+
+
+def attach_adapter(model: nn.Module, adapter_dir: Path, model_dir: Path, name: str = "default") -> None:
+    """Load the adapter folder ``adapter_dir`` (its own adapter, not its subfolders) into ``model`` as ``name``; one
+    made for another model is refused with one AdapterError naming the adapter's base and ``model_dir``."""
+    try:
+        load(model, adapter_dir, name=name)
+    except AdapterError as e:
+        raise AdapterError(_mismatch(str(e), Path(adapter_dir), Path(model_dir))) from None
 
 
 def _mismatch(message: str, adapter_dir: Path, model_dir: Path) -> str:

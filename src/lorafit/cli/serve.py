@@ -63,9 +63,9 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..generate import load_for_inference
+    from ..generate import attach_adapter, load_for_inference
     from ..hf import check_model_dir
-    from ..peft_format import load, read_adapter
+    from ..peft_format import read_adapter
     from ..serve.app import Served, api_key_from, build_app
     from ..serve.engine import Engine
 
@@ -88,14 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(device_line(device, DTYPES[args.dtype], why), file=sys.stderr, flush=True)
     model, tok = load_for_inference(model_dir, None, dtype=args.dtype, chat_template=args.chat_template,
                                     device=device)
-    from ..errors import AdapterError
-    from ..generate import _mismatch
-
     for name, folder in adapters.items():
-        try:
-            load(model, folder, name=name)
-        except AdapterError as e:
-            raise AdapterError(_mismatch(str(e), folder, model_dir)) from None
+        attach_adapter(model, folder, model_dir, name=name)
     model.eval()
     context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
     engine = Engine(model, tok, max_batch=args.max_batch).start()
@@ -109,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"lorafit serve: {url} | models: {', '.join([base_name, *adapters])}"
           + (" | runtime adapter loading from " + str(root) if root else "")
           + (" | API key required" if api_key else ""), flush=True)
-    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout,
+    server = _server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout,
                                     limit_concurrency=args.max_connections))
     try:
         server.run(sockets=[sock])
@@ -119,13 +113,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_class():
+def _server(config):
+    """uvicorn's server, whose SIGINT/SIGTERM stop it gracefully and then exit 0 (uvicorn itself re-raises the signal
+    after its shutdown, which ends the process with the signal's status). Built here: uvicorn is an optional extra."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, whose SIGINT/SIGTERM stop it gracefully and then exit 0 (uvicorn itself re-raises the
-        signal after its shutdown, which ends the process with the signal's status)."""
-
         @contextlib.contextmanager
         def capture_signals(self):
             previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -134,11 +127,7 @@ def _server_class():
             finally:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
-    return Server
-
-
-def _Server(config):  # noqa: N802 - builds the class lazily: uvicorn is an optional extra
-    return _server_class()(config)
+    return Server(config)
 
 
 def add_parser(sub) -> None:

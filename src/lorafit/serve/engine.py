@@ -308,9 +308,10 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         if not has_adapter(self.model) or name not in adapters(self.model):
             raise ConfigError(f"no adapter named {name!r} is served")
-        if self.busy(name):
-            raise ConfigError(f"adapter {name!r} has {self.busy(name)} requests running or waiting; unload it when "
-                              "they are done")
+        busy = self.busy(name)
+        if busy:
+            raise ConfigError(f"adapter {name!r} has {busy} requests running or waiting; unload it when they are "
+                              "done")
         delete(self.model, name)
         self._forget_stacks()
 
