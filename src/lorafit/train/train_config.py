@@ -102,6 +102,9 @@ class TrainConfig:
     schedule: str = setting("cosine", "learning-rate schedule after warm-up: " + ", ".join(SCHEDULES),
                             one_of(SCHEDULES))
     warmup_steps: int = setting(0, "linear warm-up steps", COUNT)
+    warmup_ratio: float = setting(0.0, "linear warm-up as a share of the steps, as transformers' (a non-zero "
+                                  "warmup_steps wins)",
+                                  Check(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", float))
     weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping", NON_NEGATIVE)
     max_length: int = setting(256, f"{MAX_LENGTH_HELP}: prompts are cut from the left", POSITIVE_INT)
@@ -158,6 +161,11 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}={value!r} is invalid: expected {f.metadata['check'].expected}")
         if self.max_length < 2:  # a positive integer, but no room for a prediction
             raise ConfigError(f"max_length={self.max_length!r} is invalid: an example needs at least 2 tokens")
+
+    def warmup(self, total: int) -> int:
+        """Warm-up steps of a ``total``-step run: ``warmup_steps``, else ``warmup_ratio`` of the steps rounded up
+        (transformers' rule: a non-zero ``warmup_steps`` wins over the ratio)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * total)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in settings()}
