@@ -426,12 +426,12 @@ def _choice_reasons(fit: _Fit, cfg: LoraConfig, goal: str) -> list[str]:
     return out
 
 
-# What lorafit measured where it disagrees with a rule of thumb: SmolLM2-135M-Instruct, 60 steps, 3 seeds each,
-# the movie-review and chat-JSON tasks (docs/guidance.md, "The grid at each configuration's own learning rate").
+# What lorafit measured where it disagrees with a rule of thumb: SmolLM2-135M-Instruct, 3 seeds each, the
+# movie-review and chat-JSON tasks (60 steps) and the tweets (40 steps of 16) (docs/guidance.md, "Evidence").
 EVIDENCE = {
-    "rank": "measured (docs/guidance.md, 2 tasks x 3 seeds): all-linear r=1 tied r=8 on one task and beat it on the "
-            "other, at 1/8 of the parameters and a smaller spread; `lorafit tune` prefers the smaller configuration "
-            "within noise",
+    "rank": "measured (docs/guidance.md, 3 tasks x 3 seeds): all-linear r=1 tied r=8 on two tasks and beat it on "
+            "the third, at 1/8 of the parameters and a smaller spread; `lorafit tune` prefers the smaller "
+            "configuration within noise",
     "budget": "measured on 2 tasks, all-linear r=1 beat q,v r=8 (0.372 vs 0.396 and 0.1355 vs 0.1418 eval loss) with "
               "fewer parameters (305k vs 461k)",
     "qv": "measured (docs/guidance.md): q,v only trailed all linear layers by 0.004-0.006 eval loss on the chat task "
