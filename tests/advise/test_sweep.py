@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from helpers import make_data, make_model_dir, tiny_gpt2, tiny_llama
 from lorafit import ConfigError, LoraConfig
@@ -105,6 +106,10 @@ def test_sweep_trains_each_point_once_and_resumes(files, tmp_path, monkeypatch):
     other = "bfloat16" if settings.get("dtype", "float32") == "float32" else "float32"
     with pytest.raises(ConfigError, match="different settings \\(dtype\\).*'dtype: .*' in --config"):
         sweep(points, {**settings, "dtype": other}, out, say=lambda m: None)
+    # every point trained with suggest's warm-up, as tune's trials do; another warm-up is told the saved one
+    assert yaml.safe_load((out / "probed" / "config.yaml").read_text())["warmup_ratio"] == 0.1
+    with pytest.raises(ConfigError, match="different settings \\(warmup_ratio\\).*'warmup_ratio: 0.1' in --config"):
+        sweep(points, {**settings, "warmup_ratio": 0.0}, out, say=lambda m: None)
 
 
 def test_cli_sweep_with_suggested_and_probed_points(files, tmp_path, capsys):

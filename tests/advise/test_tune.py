@@ -87,7 +87,7 @@ def test_trial_lora_targets_and_the_scaled_probed_pattern():
 
 
 def test_a_job_naming_no_warm_up_gets_suggests_and_its_own_is_kept():
-    from lorafit.advise.tune import with_warmup
+    from lorafit.advise.suggest import with_warmup
 
     settings = {"steps": 40}
     with_warmup(settings)
@@ -98,7 +98,44 @@ def test_a_job_naming_no_warm_up_gets_suggests_and_its_own_is_kept():
         assert settings == given
 
 
-# --- bad input at the command line: exit 2, nothing written ------------------------------------------------
+OLD_SETTINGS = dict(model="m", data="d.jsonl", steps=8, batch_size=4, max_length=48, eval_max=8, eval_split=0.1,
+                    seed=0)  # the 8 settings a study recorded before tune gave a warm-up
+LR_SPACE = Space(lr=(1e-4, 1e-3))  # tune sets the lr range from suggest's before it opens the study
+
+
+def reopen(storage, settings: dict, lines: list):
+    from lorafit.advise.tune import TuneJob, open_study
+
+    job = TuneJob(settings=dict(settings), output=Path("unused"), trials=2, storage="sqlite:///unused", space=LR_SPACE)
+    open_study(job, storage, [], lines.append)
+    return job
+
+
+def test_a_study_from_before_the_default_warm_up_resumes_without_one():
+    from lorafit.advise.tune import TuneJob, open_study
+
+    storage = optuna.storages.InMemoryStorage()
+    old = optuna.create_study(storage=storage, study_name="lorafit")
+    old.set_user_attr("space", LR_SPACE.to_dict())
+    old.set_user_attr("settings", OLD_SETTINGS)
+    old.set_user_attr("trials", 2)
+    lines: list[str] = []
+    job = reopen(storage, OLD_SETTINGS, lines)
+    assert "warmup_ratio" not in job.settings  # trained as its first trials were
+    assert "created before tune gave a default warm-up" in lines[0] and "reopened" in lines[1]
+    with pytest.raises(ConfigError, match=r"differs in steps"):  # the recorded settings are still compared
+        reopen(storage, {**OLD_SETTINGS, "steps": 9}, [])
+    # a study created now records the warm-up and the defaults: a named default schedule is the same search
+    job = TuneJob(settings=dict(OLD_SETTINGS), output=Path("unused"), trials=2, storage="sqlite:///unused",
+                  space=LR_SPACE)
+    open_study(job, storage := optuna.storages.InMemoryStorage(), [], [].append)
+    assert job.settings["warmup_ratio"] == 0.1
+    recorded = optuna.load_study(study_name="lorafit", storage=storage).user_attrs["settings"]
+    assert recorded["warmup_ratio"] == 0.1 and recorded["schedule"] == "cosine"
+    assert reopen(storage, {**OLD_SETTINGS, "schedule": "cosine"}, []).settings["warmup_ratio"] == 0.1
+    with pytest.raises(ConfigError, match=r"differs in warmup_ratio"):
+        reopen(storage, {**OLD_SETTINGS, "warmup_ratio": 0.0}, [])
+
 
 def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys):
     out = tmp_path / "out"

@@ -59,3 +59,17 @@ def test_without_lora_the_section_is_ignored_even_when_malformed():
     assert "lora" not in merged
     with pytest.raises(ConfigError, match="'lora:' in the config file must be a mapping"):
         resolve_settings({"model": "m", "lora": "r=4"}, {})
+
+
+@pytest.mark.parametrize("config, flags, want", [
+    ({}, {"warmup_ratio": 0.1}, {"warmup_ratio": 0.1}),  # the demo's warmup_steps=5 would beat the ratio
+    ({"warmup_ratio": 0.1}, {}, {"warmup_ratio": 0.1}),
+    ({"warmup_ratio": 0.1}, {"warmup_steps": 3}, {"warmup_steps": 3}),  # the flag's replaces the file's
+    ({"warmup_steps": 2}, {}, {"warmup_steps": 2}),
+    ({}, {}, {"warmup_steps": DEFAULT_JOB["warmup_steps"]}),
+])
+def test_a_later_source_naming_a_warm_up_replaces_the_earlier_warm_up(config, flags, want):
+    merged, _ = resolve_settings(config, flags)
+    assert {k: merged[k] for k in ("warmup_steps", "warmup_ratio") if k in merged} == want
+    cfg = TrainConfig.from_dict({k: v for k, v in merged.items() if k != "lora"})
+    assert cfg.warmup(60) == want.get("warmup_steps") or 6  # 10% of the demo's 60 steps

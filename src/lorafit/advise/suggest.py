@@ -247,9 +247,17 @@ SCHEDULE = "cosine"  # after warm-up
 def warmup_reason() -> str:
     """The reason line for the warm-up and schedule ``suggest`` gives."""
     return (f"warmup_ratio={WARMUP_RATIO:g}, schedule={SCHEDULE}: Adam's first steps move every entry of B by ~lr "
-            "whatever its gradient, and linear warm-up keeps them from spiking the loss (Ma & Yarats 2021; their "
+            "whatever its gradient, and linear warm-up keeps those first updates small (Ma & Yarats 2021; their "
             "untuned 2/(1-beta2) = 2,000 steps outlasts a short LoRA job, so a share of the steps; measured in "
             "docs/guidance.md, 'Warm-up and schedule')")
+
+
+def with_warmup(settings: dict) -> None:
+    """tune's and sweep's default: a job that names no warm-up trains every trial and point with suggest's
+    (``WARMUP_RATIO``, then the job's schedule), so a pick is trained as it was measured and as it is advised. A
+    job's own warmup_steps or warmup_ratio, 0 included, is kept."""
+    if "warmup_steps" not in settings and "warmup_ratio" not in settings:
+        settings["warmup_ratio"] = WARMUP_RATIO
 
 
 def lr_reason(model: nn.Module, lr: float) -> str:
@@ -383,10 +391,13 @@ def _fit_memory(fit: _Fit, rule: dict, n_budget: Optional[int], mem_budget: int,
     """Memory budget: the note's memory-constrained rule (q, v only), a lower rank, checkpointing, smaller batch."""
     if fit.ok(n_budget, mem_budget):
         return
-    if fit.targets != "qv" and fit.roles.qv:
-        fit.targets = "qv"
+    if fit.targets != "qv" and fit.roles.qv:  # q, v at the rule's rank again: the parameter budget may have
+        fit.targets, fit.r = "qv", max(fit.r, rule["r"])  # lowered all-linear's below what q, v alone can afford
         fit.targets_why = f"memory-constrained ({_gib(mem_budget)} budget)"
-    while not fit.ok(n_budget, mem_budget) and fit.r > rule["r_min"]:
+    def lower() -> bool:  # to the rule's floor for memory, below it only for the parameter budget
+        return fit.r > rule["r_min"] or (fit.r > 1 and n_budget is not None and fit.size()[0] > n_budget)
+
+    while not fit.ok(n_budget, mem_budget) and lower():
         fit.r //= 2
     if not fit.ok(n_budget, mem_budget):
         fit.gc = True
@@ -432,10 +443,12 @@ EVIDENCE = {
     "rank": "measured (docs/guidance.md, 3 tasks x 3 seeds): all-linear r=1 tied r=8 on two tasks and beat it on "
             "the third, at 1/8 of the parameters and a smaller spread; `lorafit tune` prefers the smaller "
             "configuration within noise",
-    "budget": "measured on 2 tasks, all-linear r=1 beat q,v r=8 (0.372 vs 0.396 and 0.1355 vs 0.1418 eval loss) with "
-              "fewer parameters (305k vs 461k)",
-    "qv": "measured (docs/guidance.md): q,v only trailed all linear layers by 0.004-0.006 eval loss on the chat task "
-          "(more than 2 seed std) and by 0.02, within noise, on the movie reviews; it saves memory, not quality",
+    "budget": "measured on 2 tasks, all-linear r=1 did at least as well as q,v r=8 with fewer parameters (305k vs "
+              "461k): 0.1355 vs 0.1418 eval loss on the chat task (2.5 seed std apart), 0.372 vs 0.396 on the "
+              "movie reviews (within one std)",
+    "qv": "measured (docs/guidance.md): at suggest's lr, q,v only trailed all linear layers by 0.004-0.006 eval "
+          "loss on the chat task (1.5-2.5 seed std) and by 0.02, within noise, on the movie reviews; it saves memory "
+          "at a small cost in quality",
 }
 
 

@@ -136,6 +136,8 @@ def _check_same(folder: Path, cfg) -> None:
     if diff:
         # the demo's dtype is timed at startup (train.train_config.default_dtype), so a rerun can land on the other side
         hint = f" (or name the saved dtype: 'dtype: {saved.get('dtype')}' in --config)" if "dtype" in diff else ""
+        if diff == ["warmup_ratio"]:  # a sweep from before the default warm-up (suggest.with_warmup)
+            hint = f" (or name the saved warm-up: 'warmup_ratio: {saved.get('warmup_ratio')}' in --config)"
         raise ConfigError(f"{folder} holds a run with different settings ({', '.join(diff)}); use another --output "
                           f"for a different sweep{hint}")
 
@@ -184,8 +186,13 @@ def sweep(points: dict[str, LoraConfig], settings: dict, out: Path, *, marked: O
     """Train (or read back) every point, then write results.csv, results.md and pareto.png into ``out``.
 
     ``settings``: TrainConfig fields shared by all points (model, data, steps, lr, ...). ``marked``: point name ->
-    label ("suggested", "probed") shown in the table and the plot.
+    label ("suggested", "probed") shown in the table and the plot. A job naming no warm-up trains with suggest's,
+    as tune's trials do (``suggest.with_warmup``).
     """
+    from .suggest import with_warmup
+
+    settings = dict(settings)
+    with_warmup(settings)
     names = parse_report_to(settings.get("report_to"))
     check_installed(names)  # a missing tracker library: before the first point
     out = Path(out)

@@ -24,6 +24,7 @@ Outputs (lorafit.advise.tune_report): results.csv / results.md, pareto.png, impo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -128,7 +129,13 @@ def make_pruner(kind: str, steps: int):
 
 
 def _fingerprint(job: TuneJob) -> dict:
-    return {"space": job.space.to_dict(), "settings": {k: job.settings.get(k) for k in SETTINGS_KEYS}}
+    """What makes two studies the same search: the space and the settings every trial trains with, an unnamed
+    setting as TrainConfig's default (a job naming ``schedule: cosine`` trains as one naming none)."""
+    from ..train.train_config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {"space": job.space.to_dict(),
+            "settings": {k: job.settings.get(k, defaults.get(k)) for k in SETTINGS_KEYS}}
 
 
 def open_study(job: TuneJob, storage, first: list[tuple[dict, str]], say: Callable[[str], None]):
@@ -144,6 +151,9 @@ def open_study(job: TuneJob, storage, first: list[tuple[dict, str]], say: Callab
         study = optuna.load_study(**kw)
         _check_same(study, job, say)
         return study
+    from .suggest import with_warmup
+
+    with_warmup(job.settings)
     for key, value in _fingerprint(job).items():
         study.set_user_attr(key, value)
     for params, mark in first[:job.trials]:
@@ -160,8 +170,11 @@ def _check_same(study, job: TuneJob, say: Callable[[str], None]) -> None:
     deadline = time.time() + 30
     while "trials" not in study.user_attrs and time.time() < deadline:  # its creator is still enqueuing
         time.sleep(0.2)
+    _study_warmup(study, job, say)
     for key, want in _fingerprint(job).items():
         have = study.user_attrs.get(key)
+        if key == "settings" and have is not None:  # a study from an older lorafit records fewer settings
+            want = {k: v for k, v in want.items() if k in have}
         if have is not None and json.dumps(have, sort_keys=True) != json.dumps(want, sort_keys=True):
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise ConfigError(f"study {job.study!r} in {_shown_url(job.url)} was created with another {key} "
@@ -576,14 +589,17 @@ def prepare(job: TuneJob, say: Callable[[str], None]) -> tuple[Context, list, Op
     return ctx, first, complexity
 
 
-def with_warmup(settings: dict) -> None:
-    """A job that names no warm-up trains every trial with suggest's (``WARMUP_RATIO``, linear, then the job's
-    schedule): the pick is then trained as it was measured. A job's own warmup_steps or warmup_ratio, 0 included,
-    is kept."""
-    from .suggest import WARMUP_RATIO
+def _study_warmup(study, job: TuneJob, say: Callable[[str], None]) -> None:
+    """A reopened study's trials keep training as its first ones did: with tune's default warm-up
+    (``with_warmup``) unless the study predates it, i.e. its recorded settings hold no warmup_ratio."""
+    from .suggest import with_warmup
 
-    if "warmup_steps" not in settings and "warmup_ratio" not in settings:
-        settings["warmup_ratio"] = WARMUP_RATIO
+    have = study.user_attrs.get("settings") or {}
+    if "warmup_ratio" in have or not have:
+        with_warmup(job.settings)
+    elif "warmup_steps" not in job.settings and "warmup_ratio" not in job.settings:
+        say(f"study {job.study!r} was created before tune gave a default warm-up: its remaining trials train "
+            "without one, as its first ones did")
 
 
 def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
@@ -601,7 +617,6 @@ def tune(job: TuneJob, *, say: Callable[[str], None] = print) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker prints one line per trial itself
     make_pruner(job.pruner, job.settings["steps"])
-    with_warmup(job.settings)
     names = parse_report_to(job.settings.get("report_to"))
     check_installed(names)  # a missing tracker library: before the probe and the first trial
     storage = open_storage(job.url, heartbeat=job.heartbeat) if job.storage else None

@@ -13,6 +13,8 @@ from ..devices import resolve_device
 from ..errors import ConfigError
 from .train_config import default_dtype, default_lora
 
+WARMUP_KEYS = {"warmup_steps", "warmup_ratio"}  # the two ways to give one warm-up (TrainConfig.warmup)
+
 
 def is_demo(config: dict, flags: dict) -> bool:
     """The demo job is the run on the embedded model and data: neither ``model`` nor ``data`` is set, by a flag or
@@ -27,6 +29,7 @@ def resolve_settings(config: dict, flags: dict[str, Any], *, lora: bool = True) 
 
     Later sources win: TrainConfig's defaults <- ``DEFAULT_JOB`` (only for the demo job, ``is_demo``) <- ``config``
     (the --config file's mapping) <- ``flags`` ({"field" or "lora.field": value} of the flags given, None never).
+    A source naming either warm-up key (``WARMUP_KEYS``) replaces the earlier sources' warm-up as a whole.
 
     Args:
         lora: the adapter is ``default_lora()`` <- the config's 'lora:' mapping <- the "lora.*" flags. False (probe,
@@ -34,8 +37,12 @@ def resolve_settings(config: dict, flags: dict[str, Any], *, lora: bool = True) 
             back.
     """
     demo = is_demo(config, flags)
-    merged: dict = {**(DEFAULT_JOB if demo else {}), **{k: v for k, v in config.items() if k != "lora"}}
-    merged.update({k: v for k, v in flags.items() if not k.startswith("lora.")})
+    merged: dict = dict(DEFAULT_JOB) if demo else {}
+    for source in ({k: v for k, v in config.items() if k != "lora"},
+                   {k: v for k, v in flags.items() if not k.startswith("lora.")}):
+        if WARMUP_KEYS & source.keys():  # one warm-up: a later source's ratio is not beaten by an earlier's steps
+            merged = {k: v for k, v in merged.items() if k not in WARMUP_KEYS}
+        merged.update(source)
     if lora:
         merged["lora"] = _adapter(config, flags)
     note = ""
