@@ -92,6 +92,25 @@ def test_a_smaller_configuration_within_noise_wins_and_one_outside_noise_does_no
     assert best is big and reason.endswith("the lowest mean"), reason
 
 
+def test_a_configuration_that_fails_on_one_seed_is_never_picked():
+    """seeded_reruns records a diverged or crashed re-run as inf: the row's mean and spread are inf, and the pick
+    goes to a configuration that finished every seed, however good the failed one's other seeds were."""
+    import math
+
+    from lorafit.advise.tune_report import _mean, _std, pick
+
+    losses = [0.05, math.inf, 0.06]
+    failed = {**_row(0, 300_000, [0.05, 0.06]), "seeds": 3, "mean": _mean(losses), "std": _std(losses)}
+    assert failed["mean"] == failed["std"] == math.inf
+    steady = _row(1, 2_440_000, [0.09, 0.10, 0.11])
+    best, reason = pick([failed, steady])
+    assert best is steady and reason.endswith("the lowest mean"), reason
+    best, reason = pick([failed])
+    assert best is None and "failed (diverged or crashed) on one of its seeds" in reason
+    assert math.isclose(_mean([0.1, 0.2]), 0.15)
+    assert _mean([]) is None and _std([0.1]) is None
+
+
 def test_without_seeded_reruns_the_lowest_eval_loss_is_picked():
     from lorafit.advise.tune_report import pick
 

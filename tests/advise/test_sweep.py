@@ -110,6 +110,12 @@ def test_sweep_trains_each_point_once_and_resumes(files, tmp_path, monkeypatch):
     assert yaml.safe_load((out / "probed" / "config.yaml").read_text())["warmup_ratio"] == 0.1
     with pytest.raises(ConfigError, match="different settings \\(warmup_ratio\\).*'warmup_ratio: 0.1' in --config"):
         sweep(points, {**settings, "warmup_ratio": 0.0}, out, say=lambda m: None)
+    # a point saved before the default warm-up (no warmup_ratio written) had none, and the hint names that
+    saved = yaml.safe_load((out / "probed" / "config.yaml").read_text())
+    del saved["warmup_ratio"]
+    (out / "probed" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="'warmup_ratio: 0.0' in --config"):
+        sweep(points, settings, out, say=lambda m: None)
 
 
 def test_cli_sweep_with_suggested_and_probed_points(files, tmp_path, capsys):

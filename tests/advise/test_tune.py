@@ -98,8 +98,9 @@ def test_a_job_naming_no_warm_up_gets_suggests_and_its_own_is_kept():
         assert settings == given
 
 
-OLD_SETTINGS = dict(model="m", data="d.jsonl", steps=8, batch_size=4, max_length=48, eval_max=8, eval_split=0.1,
-                    seed=0)  # the 8 settings a study recorded before tune gave a warm-up
+JOB = dict(model="m", data="d.jsonl", steps=8, batch_size=4)
+# the 8 settings a study recorded before tune gave a warm-up, an unnamed one as null
+OLD_SETTINGS = {**JOB, "max_length": None, "eval_max": None, "eval_split": None, "seed": None}
 LR_SPACE = Space(lr=(1e-4, 1e-3))  # tune sets the lr range from suggest's before it opens the study
 
 
@@ -111,30 +112,43 @@ def reopen(storage, settings: dict, lines: list):
     return job
 
 
-def test_a_study_from_before_the_default_warm_up_resumes_without_one():
-    from lorafit.advise.tune import TuneJob, open_study
-
+def stored_study(settings: dict):
     storage = optuna.storages.InMemoryStorage()
-    old = optuna.create_study(storage=storage, study_name="lorafit")
-    old.set_user_attr("space", LR_SPACE.to_dict())
-    old.set_user_attr("settings", OLD_SETTINGS)
-    old.set_user_attr("trials", 2)
+    study = optuna.create_study(storage=storage, study_name="lorafit")
+    study.set_user_attr("space", LR_SPACE.to_dict())
+    study.set_user_attr("settings", settings)
+    study.set_user_attr("trials", 2)
+    return storage
+
+
+def test_a_study_from_before_the_default_warm_up_resumes_without_one():
     lines: list[str] = []
-    job = reopen(storage, OLD_SETTINGS, lines)
+    job = reopen(stored := stored_study(OLD_SETTINGS), JOB, lines)
     assert "warmup_ratio" not in job.settings  # trained as its first trials were
     assert "created before tune gave a default warm-up" in lines[0] and "reopened" in lines[1]
+    assert reopen(stored, {**JOB, "max_length": 256, "seed": 0}, [])  # a recorded null is TrainConfig's default
     with pytest.raises(ConfigError, match=r"differs in steps"):  # the recorded settings are still compared
-        reopen(storage, {**OLD_SETTINGS, "steps": 9}, [])
-    # a study created now records the warm-up and the defaults: a named default schedule is the same search
-    job = TuneJob(settings=dict(OLD_SETTINGS), output=Path("unused"), trials=2, storage="sqlite:///unused",
-                  space=LR_SPACE)
+        reopen(stored, {**JOB, "steps": 9}, [])
+    # the same from the first study that recorded the warm-up: its unnamed settings were null too
+    first = {**OLD_SETTINGS, "warmup_steps": None, "warmup_ratio": 0.1, "schedule": None}
+    job = reopen(stored_study(first), {**JOB, "schedule": "cosine"}, lines)
+    assert job.settings["warmup_ratio"] == 0.1
+
+
+def test_a_new_study_records_the_warm_up_and_the_defaults():
+    from lorafit.advise.tune import TuneJob, open_study
+
+    job = TuneJob(settings=dict(JOB), output=Path("unused"), trials=2, storage="sqlite:///unused", space=LR_SPACE)
     open_study(job, storage := optuna.storages.InMemoryStorage(), [], [].append)
     assert job.settings["warmup_ratio"] == 0.1
     recorded = optuna.load_study(study_name="lorafit", storage=storage).user_attrs["settings"]
-    assert recorded["warmup_ratio"] == 0.1 and recorded["schedule"] == "cosine"
-    assert reopen(storage, {**OLD_SETTINGS, "schedule": "cosine"}, []).settings["warmup_ratio"] == 0.1
+    assert recorded["warmup_ratio"] == 0.1 and recorded["schedule"] == "cosine" and recorded["max_length"] == 256
+    assert reopen(storage, {**JOB, "schedule": "cosine"}, []).settings["warmup_ratio"] == 0.1
+    other = optuna.storages.InMemoryStorage()
+    reopen(other, {**JOB, "warmup_ratio": 0.0}, [])  # creates the study
+    reopen(other, {**JOB, "warmup_ratio": 0}, [])  # a YAML 0 is the recorded 0.0: not refused
     with pytest.raises(ConfigError, match=r"differs in warmup_ratio"):
-        reopen(storage, {**OLD_SETTINGS, "warmup_ratio": 0.0}, [])
+        reopen(storage, {**JOB, "warmup_ratio": 0.0}, [])
 
 
 def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys):

@@ -72,4 +72,4 @@ def test_a_later_source_naming_a_warm_up_replaces_the_earlier_warm_up(config, fl
     merged, _ = resolve_settings(config, flags)
     assert {k: merged[k] for k in ("warmup_steps", "warmup_ratio") if k in merged} == want
     cfg = TrainConfig.from_dict({k: v for k, v in merged.items() if k != "lora"})
-    assert cfg.warmup(60) == want.get("warmup_steps") or 6  # 10% of the demo's 60 steps
+    assert cfg.warmup(60) == (want.get("warmup_steps") or 6)  # or 10% of the demo's 60 steps

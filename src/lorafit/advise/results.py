@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -106,7 +107,7 @@ def plot_pareto(rows: list[dict], path: Path, *, title: str, best: Optional[dict
     try:
         shown = [r for r in rows if r.get("eval_loss") is not None and r.get("trainable")]
         _points(ax, shown, label)
-        for r in (r for r in rows if r.get("std") is not None):
+        for r in (r for r in rows if r.get("std") is not None and math.isfinite(r["std"])):
             ax.errorbar([r["trainable"]], [r["mean"]], yerr=[r["std"]], fmt="_", color="k", capsize=4, zorder=4)
         _marks(ax, shown, best)
         _clip_losses(ax, shown)

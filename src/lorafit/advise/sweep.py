@@ -131,6 +131,8 @@ def _check_same(folder: Path, cfg) -> None:
     if not saved_file.is_file():
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
+    # a setting an older lorafit did not write is its default (warmup_ratio before 2026-12-08)
+    saved = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}, **saved}
     want = cfg.to_dict()
     diff = sorted(k for k in want if k != "output" and saved.get(k) != want[k])
     if diff:

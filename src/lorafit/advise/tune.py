@@ -128,14 +128,18 @@ def make_pruner(kind: str, steps: int):
     raise ConfigError(f"pruner={kind!r} is invalid: expected halving or hyperband")
 
 
-def _fingerprint(job: TuneJob) -> dict:
-    """What makes two studies the same search: the space and the settings every trial trains with, an unnamed
-    setting as TrainConfig's default (a job naming ``schedule: cosine`` trains as one naming none)."""
+def _with_defaults(settings: dict) -> dict:
+    """The SETTINGS_KEYS of ``settings``, an unnamed or null one as TrainConfig's default (a job naming ``schedule:
+    cosine`` trains as one naming none; older lorafit recorded an unnamed setting as null)."""
     from ..train.train_config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {"space": job.space.to_dict(),
-            "settings": {k: job.settings.get(k, defaults.get(k)) for k in SETTINGS_KEYS}}
+    return {k: defaults.get(k) if settings.get(k) is None else settings[k] for k in SETTINGS_KEYS}
+
+
+def _fingerprint(job: TuneJob) -> dict:
+    """What makes two studies the same search: the space and the settings every trial trains with."""
+    return {"space": job.space.to_dict(), "settings": _with_defaults(job.settings)}
 
 
 def open_study(job: TuneJob, storage, first: list[tuple[dict, str]], say: Callable[[str], None]):
@@ -171,11 +175,12 @@ def _check_same(study, job: TuneJob, say: Callable[[str], None]) -> None:
     while "trials" not in study.user_attrs and time.time() < deadline:  # its creator is still enqueuing
         time.sleep(0.2)
     _study_warmup(study, job, say)
-    for key, want in _fingerprint(job).items():
+    for key, want in json.loads(json.dumps(_fingerprint(job))).items():  # as stored: tuples are lists
         have = study.user_attrs.get(key)
         if key == "settings" and have is not None:  # a study from an older lorafit records fewer settings
+            have = {k: v for k, v in _with_defaults(have).items() if k in have}
             want = {k: v for k, v in want.items() if k in have}
-        if have is not None and json.dumps(have, sort_keys=True) != json.dumps(want, sort_keys=True):
+        if have is not None and have != want:  # == as numbers: a recorded 0 is the job's 0.0
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise ConfigError(f"study {job.study!r} in {_shown_url(job.url)} was created with another {key} "
                               f"(differs in {', '.join(diff)}); start a new study with --study NEW_NAME (or another "
@@ -416,8 +421,11 @@ def seeded_reruns(job, study, storage, say: Callable[[str], None] = print,
 
     drain(reruns, storage, run)
     got: dict[tuple[int, int], float] = {}
-    for t in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        got.setdefault((t.user_attrs["source"], t.user_attrs["seed"]), t.value)
+    for t in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if t.state == TrialState.COMPLETE:
+            got[(t.user_attrs["source"], t.user_attrs["seed"])] = t.value
+        elif "fail_reason" in t.user_attrs:  # diverged or crashed (a lost heartbeat is re-run, not counted)
+            got.setdefault((t.user_attrs["source"], t.user_attrs["seed"]), math.inf)
     return {t.number: [t.value] + [got[(t.number, s)] for n, s in wanted if n == t.number and (n, s) in got]
             for t in top}
 

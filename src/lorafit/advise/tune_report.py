@@ -9,6 +9,7 @@ rerun, writes the same ones.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,19 +49,25 @@ def rows(study, seeds: dict[int, list[float]]) -> list[dict]:
         out.append({"trial": t.number, "mark": t.user_attrs.get("mark", ""), "state": t.state.name.lower(),
                     "r": p.get("r"), "targets": p.get("targets"), "alpha": p.get("alpha"), "variant": variant,
                     "lr": p.get("lr"), "trainable": t.user_attrs.get("trainable"), "eval_loss": loss,
-                    "seeds": len(vals), "mean": statistics.fmean(vals) if vals else None,
-                    "std": statistics.stdev(vals) if len(vals) > 1 else None,
-                    "note": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason", ""),
+                    "seeds": len(vals), "mean": _mean(vals), "std": _std(vals),
+                    "note": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason", "") or (
+                        "a seeded re-run failed (diverged or crashed)" if not all(map(math.isfinite, vals)) else ""),
                     "params": p})
     return out
 
 
+def _mean(vals: list[float]) -> Optional[float]:
+    """The seeds' mean eval loss; inf when one of them failed (``seeded_reruns`` records it as inf)."""
+    return statistics.fmean(vals) if vals and all(map(math.isfinite, vals)) else (math.inf if vals else None)
+
+
+def _std(vals: list[float]) -> Optional[float]:
+    if len(vals) < 2:
+        return None
+    return statistics.stdev(vals) if all(map(math.isfinite, vals)) else math.inf
+
+
 SPREAD_LIMIT = 2.0  # a pick's seed spread is at most this many times the calmest near-best configuration's
-
-
-def best_row(table: list[dict]):
-    """The configuration tune picks (``pick``), or None."""
-    return pick(table)[0]
 
 
 def pick(table: list[dict]) -> tuple[Optional[dict], str]:
@@ -81,9 +88,14 @@ def pick(table: list[dict]) -> tuple[Optional[dict], str]:
         best = min(complete, key=lambda r: r["eval_loss"])
         return best, (f"trial {best['trial']}: the lowest eval loss, {best['eval_loss']:.4f}, of one seed (--seeds K "
                       f"re-trains the top {TOP} with K seeds and ranks them by their mean)")
+    finite = [r for r in seeded if math.isfinite(r["mean"])]
+    if not finite:
+        return None, ("every re-trained configuration failed (diverged or crashed) on one of its seeds: lower the lr "
+                      "range (--space) or raise warmup_ratio")
+    seeded = finite  # a configuration that fails on one seed is not advice, whatever its other seeds scored
     lead = min(seeded, key=lambda r: r["mean"])
     near = [r for r in seeded if r["mean"] - lead["mean"] <= max(lead["std"], r["std"])]
-    calmest = min(r["std"] for r in near)
+    calmest = max(min(r["std"] for r in near), 1e-4)  # a floor: equal losses to 4 places are no spread to beat
     calm = [r for r in near if r["std"] <= SPREAD_LIMIT * calmest] or near
     best = min(calm, key=lambda r: (r["trainable"] or 0, r["std"], r["mean"]))
     what = f"trial {best['trial']}: mean eval loss {best['mean']:.4f} ± {best['std']:.4f} over {best['seeds']} seeds"
