@@ -214,6 +214,11 @@ def test_six_trials_prune_write_every_file_and_best_trains(files, tmp_path, caps
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 6 and {r["mark"] for r in rows} >= {"suggested", "probed"}
     assert any(r["seeds"] == "2" and r["std"] for r in rows)  # the top configs re-trained with a second seed
+    reruns = sorted((out / "seeds").glob("*/run/metrics.jsonl"))
+    assert reruns and all(json.loads((m.parent.parent / "trial.json").read_text())["eval_every"] == 0 for m in reruns)
+    evals = [json.loads(line).get("step") for line in reruns[0].read_text().splitlines()
+             if json.loads(line).get("kind") == "eval"]
+    assert evals == [0, 8], evals  # before and after training only: nothing prunes a re-run
     assert "done 6/6" in text and "pruned" in text and "best " in text
     # a job naming no warm-up trains every trial with suggest's (10% of 8 steps: 1), and best.yaml keeps it
     best = yaml.safe_load((out / "best.yaml").read_text())
