@@ -248,8 +248,8 @@ def warmup_reason() -> str:
     """The reason line for the warm-up and schedule ``suggest`` gives."""
     return (f"warmup_ratio={WARMUP_RATIO:g}, schedule={SCHEDULE}: Adam's first steps move every entry of B by ~lr "
             "whatever its gradient, and linear warm-up keeps those first updates small (Ma & Yarats 2021; their "
-            "untuned 2/(1-beta2) = 2,000 steps outlasts a short LoRA job, so a share of the steps; measured in "
-            "docs/guidance.md, 'Warm-up and schedule')")
+            "untuned 2/(1-beta2) = 2,000 steps outlasts a short LoRA job, so a share of the steps; the cosine decay is "
+            "the measured gain, in docs/guidance.md, 'Warm-up and schedule')")
 
 
 def with_warmup(settings: dict) -> None:
