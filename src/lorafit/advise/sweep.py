@@ -127,12 +127,14 @@ def _check_same(folder: Path, cfg) -> None:
     """A folder that already holds a run must hold this point's run, or the sweep would mix two experiments."""
     import yaml
 
+    from ..train.train_config import setting_defaults
+
     saved_file = folder / "config.yaml"
     if not saved_file.is_file():
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     # a setting an older lorafit did not write is its default (warmup_ratio before 2026-12-08)
-    saved = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}, **saved}
+    saved = {**setting_defaults(), **saved}
     want = cfg.to_dict()
     diff = sorted(k for k in want if k != "output" and saved.get(k) != want[k])
     if diff:

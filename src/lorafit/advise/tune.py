@@ -24,7 +24,6 @@ Outputs (lorafit.advise.tune_report): results.csv / results.md, pareto.png, impo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -131,10 +130,10 @@ def make_pruner(kind: str, steps: int):
 def _with_defaults(settings: dict) -> dict:
     """The SETTINGS_KEYS of ``settings``, an unnamed or null one as TrainConfig's default (a job naming ``schedule:
     cosine`` trains as one naming none; older lorafit recorded an unnamed setting as null)."""
-    from ..train.train_config import TrainConfig
+    from ..train.train_config import setting_defaults
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {k: defaults.get(k) if settings.get(k) is None else settings[k] for k in SETTINGS_KEYS}
+    defaults = setting_defaults()
+    return {k: defaults[k] if settings.get(k) is None else settings[k] for k in SETTINGS_KEYS}
 
 
 def _fingerprint(job: TuneJob) -> dict:

@@ -4,7 +4,6 @@ adapter holds."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from ..devices import resolve_device
@@ -12,7 +11,7 @@ from ..errors import ConfigError
 from ..hf import DTYPES
 from ..lora_config import LoraConfig
 from ..quant import FORMATS
-from ..train.train_config import TrainConfig, default_lora
+from ..train.train_config import default_lora, setting_defaults
 from .common import (
     add_device_flag,
     add_max_length_flag,
@@ -28,7 +27,7 @@ from .train import require_quant
 
 
 def _default(name: str):
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return setting_defaults()[name]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

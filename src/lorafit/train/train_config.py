@@ -234,6 +234,11 @@ def settings() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if f.name != "lora"]
 
 
+def setting_defaults() -> dict:
+    """{name: default} of the plain settings (``settings``): what an unnamed setting trains with."""
+    return {f.name: f.default for f in settings()}
+
+
 def shown(value) -> str:
     """A setting's value as help text and YAML spell it (true, 0.001, q_proj,v_proj, unset)."""
     if value is None:
